@@ -1,0 +1,48 @@
+"""User-facing errors: one exception type, printed by every entry point as one line.
+
+Set DISTRNN_DEBUG=1 (or pass --debug to `distrnn`) to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+
+class DistrnnError(Exception):
+    """A problem the user can fix; the message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(DistrnnError):
+    exit_code = 2
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("DISTRNN_DEBUG", "") not in ("", "0", "false")
+
+
+def run_cli(command: click.Command, prog: str, args: list[str] | None = None) -> None:
+    """Run a Click command; bad input ends in one line on stderr and a non-zero exit, no traceback."""
+    try:
+        command.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors: Click would print usage + blank line + error
+        if debug_enabled():
+            raise
+        click.echo(f"{prog}: error: {e.format_message()} (see {prog} --help)", err=True)
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except DistrnnError as e:
+        if debug_enabled():
+            raise
+        click.echo(f"{prog}: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

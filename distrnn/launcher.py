@@ -1,0 +1,79 @@
+"""Turn `--mode/--num-processes` into an `accelerate launch` command line and run it.
+
+One launch config per way to run lives in launch/; this module only picks one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from distrnn.errors import DistrnnError
+
+MODES = ("auto", "cpu", "gpu", "ddp")
+LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # cpu, gpu or ddp
+    num_processes: int
+    launch_config: Path
+
+    @property
+    def uses_cpu(self) -> bool:
+        return self.mode == "cpu"
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
+    gpus = visible_gpus() if gpus is None else gpus
+    if num_processes is not None and num_processes < 1:
+        raise DistrnnError(f"--num-processes must be >= 1, got {num_processes}")
+    if mode == "auto":
+        mode = "ddp" if gpus > 1 else "gpu" if gpus == 1 else "cpu"
+        if mode == "ddp" and num_processes == 1:
+            mode = "gpu"
+    if mode in ("gpu", "ddp") and gpus == 0:
+        raise DistrnnError(f"--mode {mode} needs a GPU but none is visible; use --mode cpu (or auto)")
+    if mode == "gpu":
+        if num_processes not in (None, 1):
+            raise DistrnnError(f"--mode gpu runs 1 process, got --num-processes {num_processes}; use --mode ddp")
+        return Plan("gpu", 1, LAUNCH_DIR / "gpu.yaml")
+    if mode == "ddp":
+        n = gpus if num_processes is None else num_processes
+        if n > gpus:
+            raise DistrnnError(f"--num-processes {n} is more than the {gpus} visible GPU(s); use at most {gpus}")
+        if n < 2:
+            raise DistrnnError(f"--mode ddp needs at least 2 GPUs (found {gpus}); use --mode gpu")
+        return Plan("ddp", n, LAUNCH_DIR / "ddp.yaml")
+    n = num_processes or 1
+    return Plan("cpu", n, LAUNCH_DIR / ("cpu.yaml" if n == 1 else "cpu_multi.yaml"))
+
+
+def accelerate_command(p: Plan, module: str, worker_args: list[str]) -> list[str]:
+    if not p.launch_config.is_file():
+        raise DistrnnError(f"launch config {p.launch_config} is missing; run distrnn from its checkout (pip install -e .)")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(p.launch_config)]
+    if p.num_processes > 1:
+        cmd += ["--num_processes", str(p.num_processes)]
+    return cmd + ["-m", module, *worker_args]
+
+
+def launch(p: Plan, module: str, worker_args: list[str]) -> None:
+    """Replace this process with accelerate's launcher, so signals (Ctrl-C) reach it directly."""
+    cmd = accelerate_command(p, module, worker_args)
+    env = dict(os.environ)
+    if p.uses_cpu:
+        # The torchrun path ignores the launch config's use_cpu; this makes the workers stay on CPU.
+        env["ACCELERATE_USE_CPU"] = "true"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)

@@ -1,0 +1,101 @@
+"""Metrics out of the main process: JSON lines in the run folder, and W&B through Accelerate.
+
+Other ranks log nothing. W&B problems (no key, no network, bad entity) never stop training:
+they become one warning and the run continues, offline or without W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from distrnn.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def choose_wandb_mode() -> str | None:
+    """Honour WANDB_MODE; without an API key go offline so a run never waits on a login prompt."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if not has_wandb_key():
+        os.environ["WANDB_MODE"] = "offline"
+        return "offline"
+    return None
+
+
+class RunLog:
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = run_dir / METRICS_FILE
+        self.wandb_run = None
+        if cfg.wandb.enabled:
+            self._start_wandb(cfg, run_dir)
+
+    def _start_wandb(self, cfg: Config, run_dir: Path) -> None:
+        went_offline = choose_wandb_mode() == "offline"
+        kwargs: dict[str, Any] = {"dir": str(run_dir), "name": cfg.wandb.run_name or run_dir.name}
+        if cfg.wandb.entity:
+            kwargs["entity"] = cfg.wandb.entity
+        if cfg.wandb.tags:
+            kwargs["tags"] = list(cfg.wandb.tags)
+        try:
+            self.accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs})
+            if self.main:
+                self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
+        except Exception as e:  # W&B must never stop training
+            self.accelerator.trackers = []
+            self.warn(f"W&B could not start ({type(e).__name__}: {e}); training continues without W&B")
+            return
+        if went_offline:
+            self.accelerator.print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)")
+
+    def warn(self, message: str) -> None:
+        self.accelerator.print(f"warning: {message}")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self.accelerator.trackers:
+            try:
+                self.accelerator.log(metrics, step=step)
+            except Exception as e:
+                self.accelerator.trackers = []
+                self.warn(f"W&B logging failed ({type(e).__name__}: {e}); continuing without W&B")
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.main and self.wandb_run is not None and self.accelerator.trackers:
+            try:
+                self.wandb_run.summary.update(values)
+            except Exception as e:
+                self.warn(f"W&B summary failed ({type(e).__name__}: {e})")
+
+    def close(self) -> None:
+        """Finish W&B here (not in end_training) so that a W&B failure cannot fail the run.
+
+        Offline, wandb itself then prints the `wandb sync <run folder>` command.
+        """
+        trackers, self.accelerator.trackers = self.accelerator.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.finish()
+            except Exception as e:
+                self.warn(f"W&B could not finish ({type(e).__name__}: {e})")

@@ -1,0 +1,136 @@
+"""The training worker: one process of a run, started by `accelerate launch -m distrnn.train`.
+
+Reads top to bottom: config -> accelerator -> data -> model -> loop -> exact accuracy -> save.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distrnn import data
+from distrnn.config import Config, load_config
+from distrnn.distributed import dist_mean, make_accelerator, teardown
+from distrnn.errors import run_cli
+from distrnn.evaluate import MODEL_FILE, exact_accuracy, save_model
+from distrnn.model import StackedRNN, count_parameters
+from distrnn.options import config_options, overrides_from
+from distrnn.tracking import RunLog
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    if cfg.optim.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.optim.lr, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=cfg.optim.pct_start
+        )
+    return None
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    run_dir = Path(cfg.train.output_dir)
+    accelerator = run_log = None
+    try:
+        accelerator = make_accelerator(cfg, str(run_dir), log_with="wandb" if cfg.wandb.enabled else None)
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.print(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
+                          f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
+                          f"{cfg.to_yaml()}-----------------------")
+        accelerator.wait_for_everyone()
+        run_log = RunLog(accelerator, cfg, run_dir)
+
+        train_set = data.load_mnist(cfg.data.dir, True, accelerator)
+        test_set = data.first(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
+
+        model = StackedRNN(cfg.model)
+        accelerator.print(f"model: {count_parameters(model):,} parameters")
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, data.train_loader(cfg, train_set))
+        scheduler = make_scheduler(cfg, optimizer, len(loader))
+        if scheduler is not None:
+            scheduler = accelerator.prepare(scheduler)
+
+        step = 0
+        samples_per_step = cfg.train.batch_size * accelerator.num_processes
+        history = []
+        train_seconds = 0.0
+        for epoch in range(cfg.train.epochs):
+            model.train()
+            loader.set_epoch(epoch)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
+                       dynamic_ncols=True, leave=False)
+            start = time.perf_counter()
+            for images, labels in bar:
+                loss = F.cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if cfg.optim.grad_clip is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                if step % cfg.train.log_every == 0:
+                    throughput = (bar.n + 1) * samples_per_step / (time.perf_counter() - start)
+                    mean_loss = dist_mean(accelerator, loss)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
+                    run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                                 "train/samples_per_s": throughput, "epoch": epoch + 1}, step)
+            bar.close()
+            epoch_seconds = time.perf_counter() - start
+            train_seconds += epoch_seconds
+            throughput = len(loader) * samples_per_step / epoch_seconds
+            test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
+            history.append({"epoch": epoch + 1, "test_accuracy": test.percent, "train_seconds": train_seconds})
+            accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
+                              f"({test.percent:.2f}%), {throughput:.0f} samples/s, {epoch_seconds:.1f} s")
+            run_log.log({"test/accuracy": test.percent, "test/correct": test.correct, "test/seen": test.seen,
+                         "train/epoch_samples_per_s": throughput, "epoch": epoch + 1}, step)
+
+        train_acc = exact_accuracy(accelerator, model, data.first(train_set, cfg.data.train_samples),
+                                   cfg.train.eval_batch_size)
+        accelerator.print("Accuracy on training data:")
+        accelerator.print(train_acc.report())
+        accelerator.print("Accuracy on test data:")
+        accelerator.print(test.report())
+
+        summary = {
+            "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
+            "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
+            "train_seconds": train_seconds, "samples_per_s": step * samples_per_step / train_seconds,
+            "steps": step, "num_processes": accelerator.num_processes, "history": history,
+        }
+        run_log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent}, step)
+        run_log.summary({k: v for k, v in summary.items() if k != "history"})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_model(accelerator, model, cfg, run_dir / MODEL_FILE)
+            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        if run_log is not None:
+            run_log.close()
+        teardown(accelerator)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options
+def main(config_file: str | None, **params: Any) -> None:
+    """Train the stacked RNN on MNIST (one worker process; start it with `accelerate launch` or `distrnn train`)."""
+    train(load_config(config_file, overrides_from(params)))
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="distrnn.train")
