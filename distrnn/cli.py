@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any
 
 import click
@@ -45,7 +46,7 @@ def train(mode: str, num_processes: int | None, config_file: str | None, **param
     if plan.uses_cpu and cfg.train.precision == "fp16":
         raise DistrnnError("precision fp16 needs a GPU; on CPU use --precision bf16 or --precision no")
     worker_args = (["--config", config_file] if config_file else []) + [a for o in overrides for a in ("--set", o)]
-    launcher.launch(plan, "distrnn.train", worker_args)
+    sys.exit(launcher.launch(plan, "distrnn.train", worker_args))
 
 
 @main.command(context_settings=_CONTEXT)
@@ -53,8 +54,10 @@ def train(mode: str, num_processes: int | None, config_file: str | None, **param
 @mode_option
 @processes_option
 @click.option("--data-dir", default=None, help="Folder holding MNIST/raw [default: the one stored with the model].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Evaluation batch size per process.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of each split.")
-def evaluate(checkpoint: str, mode: str, num_processes: int | None, data_dir: str | None, limit: int | None) -> None:
+def evaluate(checkpoint: str, mode: str, num_processes: int | None, data_dir: str | None, batch_size: int | None,
+             limit: int | None) -> None:
     """Exact train and test accuracy of a saved model, sharded across processes."""
     from distrnn.evaluate import load_model
 
@@ -62,8 +65,9 @@ def evaluate(checkpoint: str, mode: str, num_processes: int | None, data_dir: st
     plan = launcher.plan(mode, num_processes)
     args = ["--checkpoint", checkpoint]
     args += ["--data-dir", data_dir] if data_dir else []
+    args += ["--batch-size", str(batch_size)] if batch_size else []
     args += ["--limit", str(limit)] if limit else []
-    launcher.launch(plan, "distrnn.evaluate", args)
+    sys.exit(launcher.launch(plan, "distrnn.evaluate", args))
 
 
 @main.command(context_settings=_CONTEXT)

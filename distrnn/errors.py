@@ -34,7 +34,8 @@ def run_cli(command: click.Command, prog: str, args: list[str] | None = None) ->
     except click.ClickException as e:  # usage errors: Click would print usage + blank line + error
         if debug_enabled():
             raise
-        click.echo(f"{prog}: error: {e.format_message()} (see {prog} --help)", err=True)
+        ctx = getattr(e, "ctx", None)
+        click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)", err=True)
         sys.exit(e.exit_code)
     except click.Abort:
         sys.exit(130)

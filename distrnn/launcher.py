@@ -6,6 +6,7 @@ One launch config per way to run lives in launch/; this module only picks one.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,22 +59,35 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
     return Plan("cpu", n, LAUNCH_DIR / ("cpu.yaml" if n == 1 else "cpu_multi.yaml"))
 
 
-def accelerate_command(p: Plan, module: str, worker_args: list[str]) -> list[str]:
+def accelerate_args(p: Plan, module: str, worker_args: list[str]) -> list[str]:
+    """The arguments of `accelerate launch` for this plan."""
     if not p.launch_config.is_file():
         raise DistrnnError(f"launch config {p.launch_config} is missing; run distrnn from its checkout (pip install -e .)")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(p.launch_config)]
+    args = ["--config_file", str(p.launch_config)]
     if p.num_processes > 1:
-        cmd += ["--num_processes", str(p.num_processes)]
-    return cmd + ["-m", module, *worker_args]
+        args += ["--num_processes", str(p.num_processes)]
+    return args + ["-m", module, *worker_args]
 
 
-def launch(p: Plan, module: str, worker_args: list[str]) -> None:
-    """Replace this process with accelerate's launcher, so signals (Ctrl-C) reach it directly."""
-    cmd = accelerate_command(p, module, worker_args)
-    env = dict(os.environ)
+def launch(p: Plan, module: str, worker_args: list[str]) -> int:
+    """Run accelerate's launcher in this process and return the workers' exit code.
+
+    In-process rather than as a subprocess so that a failed worker ends with its own one-line
+    error, not with the launcher's traceback (CalledProcessError / ChildFailedError).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(accelerate_args(p, module, worker_args))
     if p.uses_cpu:
-        # The torchrun path ignores the launch config's use_cpu; this makes the workers stay on CPU.
-        env["ACCELERATE_USE_CPU"] = "true"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
+        # The torchrun path ignores the launch config's use_cpu; this keeps the workers on CPU.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as e:
+        return e.returncode
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"distrnn: worker rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from distrnn.config import Config, all_keys, build_config, load_config
+from distrnn.errors import ConfigError
+from tests.conftest import REPO
+
+REFERENCE = {  # the seed notebook's hyperparameters
+    "model.cell": "rnn", "model.input_size": 28, "model.hidden_size": 256, "model.num_layers": 2,
+    "model.num_classes": 10, "model.sequence_length": 28, "model.nonlinearity": "tanh", "model.head": "all-steps",
+    "optim.lr": 0.001, "optim.schedule": "constant", "optim.grad_clip": None,
+    "train.batch_size": 64, "train.epochs": 3, "train.precision": "no",
+}
+
+
+def flat(cfg: Config) -> dict:
+    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+
+
+@pytest.mark.parametrize("cfg", [Config(), load_config(REPO / "configs" / "default.yaml")], ids=["defaults", "default.yaml"])
+def test_defaults_and_default_yaml_are_the_reference(cfg):
+    values = flat(cfg)
+    assert {k: values[k] for k in REFERENCE} == REFERENCE
+
+
+def test_data_dir_default_comes_from_environment(monkeypatch):
+    monkeypatch.setenv("DISTRNN_DATA_DIR", "/somewhere/mnist")
+    assert Config().data.dir == "/somewhere/mnist"
+    monkeypatch.delenv("DISTRNN_DATA_DIR")
+    assert Config().data.dir == "./data"
+
+
+def test_file_overrides_defaults_and_flags_override_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 128\n  cell: gru\ntrain:\n  epochs: 5\n")
+    cfg = load_config(path)
+    assert (cfg.model.hidden_size, cfg.model.cell, cfg.train.epochs, cfg.train.batch_size) == (128, "gru", 5, 64)
+    cfg = load_config(path, ["model.hidden_size=64", "optim.lr=3e-3", "train.epochs=7", "train.epochs=8"])
+    assert (cfg.model.hidden_size, cfg.optim.lr, cfg.train.epochs, cfg.model.cell) == (64, 0.003, 8, "gru")
+
+
+def test_override_text_is_parsed_by_type():
+    cfg = build_config(overrides=["wandb.enabled=false", "optim.grad_clip=1.5", "data.train_samples=100",
+                                  "wandb.tags=a,b", "wandb.run_name=x"])
+    assert cfg.wandb.enabled is False and cfg.optim.grad_clip == 1.5 and cfg.data.train_samples == 100
+    assert cfg.wandb.tags == ["a", "b"] and cfg.wandb.run_name == "x"
+    assert build_config(overrides=["optim.grad_clip=null"]).optim.grad_clip is None
+
+
+def test_yaml_float_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")  # PyYAML reads this as the string '1e-3'
+    assert load_config(path).optim.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.hiden_size=3"], "unknown config key 'model.hiden_size' (did you mean 'model.hidden_size'?)"),
+        (["modle.cell=rnn"], "unknown config key 'modle.cell' (did you mean 'model.cell'?)"),
+        (["train.batch_size=abc"], "config key 'train.batch_size' must be an integer, got 'abc'"),
+        (["train.batch_size=0"], "config key 'train.batch_size' must be > 0, got 0"),
+        (["train.epochs=-1"], "config key 'train.epochs' must be > 0, got -1"),
+        (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of rnn, gru, lstm, got 'transformer'"),
+        (["train.precision=fp8"], "config key 'train.precision' must be one of no, fp16, bf16, got 'fp8'"),
+        (["model.sequence_length=27"], "must be 784 (one 28x28 MNIST image), got 28 x 27"),
+        (["model.cell=gru", "model.nonlinearity=relu"], "model.nonlinearity=relu applies only to model.cell=rnn"),
+        (["wandb.enabled=maybe"], "config key 'wandb.enabled' must be true or false, got 'maybe'"),
+        (["epochs"], "override 'epochs' must look like key=value"),
+        (["data.test_samples=10001"], "config key 'data.test_samples' must be null or 1..10000, got 10001"),
+    ],
+)
+def test_bad_overrides_are_rejected_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: three\n", "config key 'train.epochs' must be an integer, got 'three'"),
+        ("train:\n  epochs: true\n", "config key 'train.epochs' must be an integer, got True"),
+        ("train:\n  epochs: 2.5\n", "config key 'train.epochs' must be an integer, got 2.5"),
+        ("trian:\n  epochs: 3\n", "unknown config section 'trian'"),
+        ("model:\n  layers: 3\n", "unknown config key 'model.layers'"),
+        ("model: [1, 2]\n", "config section 'model'"),
+        ("model:\n  cell: rnn\n   bad: indent\n", "line 3 is not valid YAML"),
+        ("- a\n- b\n", "must be a mapping of sections"),
+    ],
+)
+def test_bad_files_are_rejected_with_a_clear_message(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = build_config(overrides=["model.cell=lstm", "wandb.tags=x"])
+    assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_every_key_is_reachable_by_override():
+    cfg = Config()
+    for key in all_keys():
+        section, name = key.split(".")
+        assert dataclasses.is_dataclass(getattr(cfg, section)) and hasattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+def test_shipped_configs_load(name):
+    load_config(REPO / "configs" / name)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distrnn.config import build_config
+from distrnn.model import StackedRNN, count_parameters
+
+
+def test_reference_parameter_count():
+    # nn.RNN(28, 256, 2): 73,216 + 131,584; nn.Linear(256*28, 10): 71,690
+    assert count_parameters(StackedRNN(build_config().model)) == 276_490
+
+
+def test_reference_layers_match_the_seed():
+    model = StackedRNN(build_config().model)
+    assert isinstance(model.rnn, nn.RNN) and model.rnn.nonlinearity == "tanh" and model.rnn.batch_first
+    assert (model.rnn.input_size, model.rnn.hidden_size, model.rnn.num_layers) == (28, 256, 2)
+    assert (model.fc.in_features, model.fc.out_features) == (256 * 28, 10)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("head", ["all-steps", "last-step"])
+def test_output_shape_for_each_cell_and_head(cell, head):
+    model = StackedRNN(build_config(overrides=[f"model.cell={cell}", f"model.head={head}", "model.hidden_size=32"]).model)
+    assert isinstance(model.rnn, {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell])
+    for shape in [(5, 1, 28, 28), (5, 28, 28)]:  # ToTensor batches and plain sequences
+        assert model(torch.rand(shape)).shape == (5, 10)
+
+
+def test_relu_nonlinearity_reaches_the_rnn():
+    model = StackedRNN(build_config(overrides=["model.nonlinearity=relu"]).model)
+    assert model.rnn.nonlinearity == "relu"
+
+
+def test_input_size_and_sequence_length_split_the_image():
+    model = StackedRNN(build_config(overrides=["model.input_size=56", "model.sequence_length=14"]).model)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert model.fc.in_features == 256 * 14
+
+
+def test_forward_equals_the_seed_formulation():
+    """The seed passes an explicit h0 = zeros and flattens all steps; ours must compute the same."""
+    torch.manual_seed(0)
+    model = StackedRNN(build_config().model)
+    x = torch.rand(4, 1, 28, 28)
+    h0 = torch.zeros(2, 4, 256)
+    out, _ = model.rnn(x.squeeze(1), h0)
+    expected = model.fc(out.reshape(4, -1))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
