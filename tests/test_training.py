@@ -1,0 +1,97 @@
+"""End to end with real processes: a 2-process smoke run, its W&B run, and exact evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+from torchvision import datasets, transforms
+
+from distrnn.evaluate import load_model
+from tests.conftest import BIN, counts, distrnn
+
+
+def test_two_process_smoke_run_learns_and_writes_the_run_folder(smoke_run):
+    out, result = smoke_run
+    for name in ["config.yaml", "metrics.jsonl", "model.pt", "summary.json"]:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert (summary["train_seen"], summary["test_seen"]) == (10_000, 10_000)
+    assert summary["test_accuracy"] > 85.0  # chance is 10%
+    # printed once, by the main process only, in the seed's format
+    assert counts(result.stdout) == [(summary["train_correct"], 10_000), (summary["test_correct"], 10_000)]
+    assert result.stdout.count("Accuracy on test data:") == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["train_samples"] == 10_000 and saved["train"]["output_dir"] == str(out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in line for line in lines) and any("test/accuracy" in line for line in lines)
+
+
+def test_wandb_offline_run_holds_config_and_final_accuracy(smoke_run):
+    out, _ = smoke_run
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    inspected = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(runs[0])],
+                               capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 0, inspected.stderr
+    run = json.loads(inspected.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    assert run["config"]["model"]["hidden_size"] == 256
+    assert run["config"]["data"]["train_samples"] == 10_000
+    values = run["summary"]
+    assert values["test_correct"] == summary["test_correct"] and values["test_seen"] == 10_000
+    assert values["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+def single_process_counts(model, dataset) -> tuple[int, int]:
+    """The seed notebook's check_accuracy, one process, no Accelerate: the ground truth."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1000)
+    correct = seen = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += y.numel()
+    return correct, seen
+
+
+@pytest.fixture(scope="module")
+def reference_counts(smoke_run, data_dir):
+    out, _ = smoke_run
+    model, _ = load_model(str(out))
+    truth = []
+    for train in (True, False):
+        ds = datasets.MNIST(str(data_dir), train=train, transform=transforms.ToTensor(), download=False)
+        truth.append(single_process_counts(model, ds))
+    return truth
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_evaluation_is_exact_for_any_number_of_processes(smoke_run, reference_counts, data_dir, processes):
+    out, _ = smoke_run
+    result = distrnn("evaluate", "--checkpoint", str(out), "--mode", "cpu", "--num-processes", str(processes),
+                     "--data-dir", str(data_dir), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = counts(result.stdout)
+    assert [seen for _, seen in got] == [60_000, 10_000]
+    assert got == reference_counts
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_evaluation_is_exact_on_an_uneven_subset(smoke_run, data_dir, processes):
+    """1001 images: not divisible by 2, 3 or the batch size 64, so shards and last batches differ."""
+    out, _ = smoke_run
+    model, _ = load_model(str(out))
+    truth = []
+    for train in (True, False):
+        ds = datasets.MNIST(str(data_dir), train=train, transform=transforms.ToTensor(), download=False)
+        truth.append(single_process_counts(model, torch.utils.data.Subset(ds, range(1001))))
+    result = distrnn("evaluate", "--checkpoint", str(out), "--mode", "cpu", "--num-processes", str(processes),
+                     "--data-dir", str(data_dir), "--limit", "1001", "--batch-size", "64", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert counts(result.stdout) == truth
+    assert [seen for _, seen in truth] == [1001, 1001]
