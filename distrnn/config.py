@@ -69,6 +69,15 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50  # optimizer steps between loss logs
     output_dir: str = "runs/default"
+    # A collective that waits longer than this (a rank died or hangs) ends the run with an error.
+    collective_timeout_s: int = 300
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = "auto"  # auto: newest complete checkpoint in the run folder; never; or a PATH
+    every_steps: int | None = 500  # also at every epoch end; null: epoch ends only
+    keep: int = 3  # newest complete checkpoints kept
 
 
 @dataclass
@@ -86,6 +95,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +275,8 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", t.batch_size),
         ("train.eval_batch_size", t.eval_batch_size),
         ("train.log_every", t.log_every),
+        ("train.collective_timeout_s", t.collective_timeout_s),
+        ("checkpoint.keep", cfg.checkpoint.keep),
     ]:
         _check(value > 0, f"config key '{key}' must be > 0, got {value}")
     _check(
@@ -289,3 +301,6 @@ def validate(cfg: Config) -> None:
         _check(value is None or 0 < value <= limit, f"config key '{key}' must be null or 1..{limit}, got {value}")
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
+    every = cfg.checkpoint.every_steps
+    _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
+    _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")

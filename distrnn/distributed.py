@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from distrnn.config import Config
 from distrnn.errors import DistrnnError
@@ -23,6 +25,8 @@ def make_accelerator(cfg: Config, project_dir: str, log_with: str | None) -> Acc
         # Seedable sampler: the shuffle is a function of (seed, epoch), identical on every rank,
         # so the shards are disjoint and change every epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        # If a rank dies or hangs, the others fail after this instead of waiting forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
     if accelerator.device.type == "cpu":
         if cfg.train.precision == "fp16":
@@ -51,8 +55,27 @@ def dist_sum(accelerator: Accelerator, *counts: int) -> tuple[int, ...]:
     return tuple(int(v) for v in accelerator.reduce(local, reduction="sum").tolist())
 
 
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if it is true on any rank (one all-reduce)."""
+    return dist_sum(accelerator, int(flag))[0] > 0
+
+
 def dist_mean(accelerator: Accelerator, value: torch.Tensor) -> float:
     return float(accelerator.reduce(value.detach().float().reshape(1), reduction="mean").item())
+
+
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL")
+
+
+def peer_failure(accelerator: Accelerator | None, error: BaseException) -> DistrnnError | None:
+    """A collective that failed because another rank died or hung, as one line; else None."""
+    if accelerator is None or accelerator.num_processes < 2 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not any(marker in text for marker in _PEER_FAILURE):
+        return None
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+    return DistrnnError(f"rank {accelerator.process_index} lost contact with another rank ({detail}); stopping")
 
 
 def teardown(accelerator: Accelerator | None) -> None:

@@ -42,7 +42,9 @@ def run_cli(command: click.Command, prog: str, args: list[str] | None = None) ->
     except DistrnnError as e:
         if debug_enabled():
             raise
-        click.echo(f"{prog}: error: {e}", err=True)
+        # Every rank of a run raises the same error; one copy is enough.
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(f"{prog}: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -5,6 +5,7 @@ Also the worker behind `distrnn evaluate` (`accelerate launch -m distrnn.evaluat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,20 +63,42 @@ def save_model(accelerator: Accelerator, model: nn.Module, cfg: Config, path: Pa
 
 
 def load_model(checkpoint: str) -> tuple[StackedRNN, Config]:
+    """A run folder (its model.pt), a model.pt file, or a checkpoints/step-* folder."""
     path = Path(checkpoint)
+    if (path / "meta.json").is_file():
+        return _load_training_checkpoint(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise DistrnnError(f"no saved model at '{path}'; pass a run folder holding {MODEL_FILE} or the file itself")
+        raise DistrnnError(f"no saved model at '{checkpoint}'; pass a run folder holding {MODEL_FILE}, "
+                           "the file itself, or a checkpoints/step-* folder")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = build_config(saved["config"], where=f"the config stored in '{path}'")
-        model = StackedRNN(cfg.model)
-        model.load_state_dict(saved["model"])
-    except DistrnnError:
-        raise
+        state, stored = saved["model"], saved["config"]
     except Exception as e:  # a torn or foreign file: say which, not a traceback
         raise DistrnnError(f"'{path}' is not a distrnn model file ({type(e).__name__}: {e})") from None
+    return _rebuild(state, stored, path)
+
+
+def _load_training_checkpoint(path: Path) -> tuple[StackedRNN, Config]:
+    from safetensors.torch import load_file
+
+    try:
+        stored = json.loads((path / "meta.json").read_text())["config"]
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:
+        raise DistrnnError(f"'{path}' is not a complete distrnn checkpoint ({type(e).__name__}: {e})") from None
+    return _rebuild(state, stored, path)
+
+
+def _rebuild(state: dict, stored: dict, path: Path) -> tuple[StackedRNN, Config]:
+    """The model as the stored config describes it, whatever flags the caller passes."""
+    cfg = build_config(stored, where=f"the config stored in '{path}'")
+    model = StackedRNN(cfg.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DistrnnError(f"weights in '{path}' do not fit the config stored with them ({e})") from None
     return model, cfg
 
 

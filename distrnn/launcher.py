@@ -5,13 +5,18 @@ One launch config per way to run lives in launch/; this module only picks one.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrnn.errors import DistrnnError
+import psutil
+
+from distrnn.errors import DistrnnError, debug_enabled
+from distrnn.preemption import AGENT_SIGNALS, forward_to_children
 
 MODES = ("auto", "cpu", "gpu", "ddp")
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
@@ -66,6 +71,9 @@ def accelerate_args(p: Plan, module: str, worker_args: list[str]) -> list[str]:
     args = ["--config_file", str(p.launch_config)]
     if p.num_processes > 1:
         args += ["--num_processes", str(p.num_processes)]
+    if p.uses_cpu:
+        # What accelerate would pick (physical cores / processes), passed so it does not warn about it.
+        args += ["--num_cpu_threads_per_process", str(max(1, (psutil.cpu_count(logical=False) or 1) // p.num_processes))]
     return args + ["-m", module, *worker_args]
 
 
@@ -79,15 +87,37 @@ def launch(p: Plan, module: str, worker_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(accelerate_args(p, module, worker_args))
+    args.signals_to_handle = AGENT_SIGNALS  # passed on to torchrun by accelerate's multi_gpu_launcher
+    forward_to_children()
+    if not debug_enabled():
+        _quiet_torchrun_agent()
     if p.uses_cpu:
         # The torchrun path ignores the launch config's use_cpu; this keeps the workers on CPU.
         os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
         launch_command(args)
     except subprocess.CalledProcessError as e:
-        return e.returncode
+        return _worker_exit(0, e.returncode)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"distrnn: worker rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return _worker_exit(rank, failure.exitcode)
     return 0
+
+
+def _worker_exit(rank: int, code: int) -> int:
+    """A worker that raised printed its own line; one killed by a signal could not, so say it here."""
+    if code < 0:
+        print(f"distrnn: worker rank {rank} was killed by {signal.Signals(-code).name}; the other workers "
+              "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 128 - code
+    return code
+
+
+def _quiet_torchrun_agent() -> None:
+    """torchrun's agent logs each worker's exit as warnings and a multi-line error report; the
+    workers' own one-line errors (and _worker_exit) already say what happened."""
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -21,6 +21,7 @@ TYPED_FLAGS = {
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
     "lr": "optim.lr",
+    "resume": "checkpoint.resume",
 }
 
 _OPTIONS = [
@@ -37,6 +38,9 @@ _OPTIONS = [
     click.option("--epochs", type=int, default=None, help="Training epochs."),
     click.option("--batch-size", type=int, default=None, help="Batch size per process."),
     click.option("--lr", type=float, default=None, help="Adam learning rate (peak, with optim.schedule=onecycle)."),
+    click.option("--resume", default=None, metavar="auto|never|PATH",
+                 help="auto: continue from the newest complete checkpoint in the run folder [default]; "
+                      "never: start fresh; PATH: a checkpoint or run folder."),
 ]
 
 

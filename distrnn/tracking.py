@@ -40,17 +40,27 @@ def choose_wandb_mode() -> str | None:
 
 
 class RunLog:
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+    """`resumed_id`: the W&B run id stored in the checkpoint, so a resumed run continues that run."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_id: str | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = run_dir / METRICS_FILE
         self.wandb_run = None
+        if self.main and resumed_id is None:
+            self.path.unlink(missing_ok=True)  # a fresh start in a reused folder
         if cfg.wandb.enabled:
-            self._start_wandb(cfg, run_dir)
+            self._start_wandb(cfg, run_dir, resumed_id)
 
-    def _start_wandb(self, cfg: Config, run_dir: Path) -> None:
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def _start_wandb(self, cfg: Config, run_dir: Path, resumed_id: str | None) -> None:
         went_offline = choose_wandb_mode() == "offline"
         kwargs: dict[str, Any] = {"dir": str(run_dir), "name": cfg.wandb.run_name or run_dir.name}
+        if resumed_id:
+            kwargs.update(id=resumed_id, resume="allow")
         if cfg.wandb.entity:
             kwargs["entity"] = cfg.wandb.entity
         if cfg.wandb.tags:

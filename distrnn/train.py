@@ -1,6 +1,6 @@
 """The training worker: one process of a run, started by `accelerate launch -m distrnn.train`.
 
-Reads top to bottom: config -> accelerator -> data -> model -> loop -> exact accuracy -> save.
+Reads top to bottom: config -> accelerator -> resume point -> data -> model -> loop -> exact accuracy.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distrnn import data
+from distrnn import checkpoint, data
+from distrnn.checkpoint import Position
 from distrnn.config import Config, load_config
-from distrnn.distributed import dist_mean, make_accelerator, teardown
+from distrnn.distributed import any_rank, dist_mean, make_accelerator, peer_failure, teardown
 from distrnn.errors import run_cli
 from distrnn.evaluate import MODEL_FILE, exact_accuracy, save_model
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.options import config_options, overrides_from
+from distrnn.preemption import Preempted, StopFlag
 from distrnn.tracking import RunLog
 
 CONFIG_FILE = "config.yaml"
@@ -37,19 +39,25 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    stop = StopFlag()  # first, so a signal during start-up is not lost
     run_dir = Path(cfg.train.output_dir)
     accelerator = run_log = None
     try:
         accelerator = make_accelerator(cfg, str(run_dir), log_with="wandb" if cfg.wandb.enabled else None)
+        resume_from, warnings = checkpoint.find_resume(run_dir, cfg.checkpoint.resume)
+        meta = checkpoint.read_meta(resume_from) if resume_from else None
+        if meta:
+            checkpoint.check_compatible(meta, cfg, accelerator.num_processes, resume_from)
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for warning in warnings:
+            accelerator.print(f"warning: {warning}")
         accelerator.print(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
                           f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
                           f"{cfg.to_yaml()}-----------------------")
         accelerator.wait_for_everyone()
-        run_log = RunLog(accelerator, cfg, run_dir)
+        run_log = RunLog(accelerator, cfg, run_dir, resumed_id=meta.get("wandb_run_id") if meta else None)
 
         train_set = data.load_mnist(cfg.data.dir, True, accelerator)
         test_set = data.first(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
@@ -62,16 +70,30 @@ def train(cfg: Config) -> dict[str, Any]:
         if scheduler is not None:
             scheduler = accelerator.prepare(scheduler)
 
-        step = 0
+        position = Position()
+        if meta:
+            accelerator.load_state(str(resume_from))
+            position = Position(**meta["position"])
+            accelerator.print(f"resumed from {resume_from}: epoch {position.epoch + 1}, "
+                              f"batch {position.step_in_epoch} of {len(loader)}, step {position.global_step}")
+
+        def save() -> Path:
+            start = time.perf_counter()
+            path = checkpoint.save(accelerator, run_dir, position, cfg, {"wandb_run_id": run_log.wandb_id})
+            accelerator.print(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+            return path
+
         samples_per_step = cfg.train.batch_size * accelerator.num_processes
-        history = []
-        train_seconds = 0.0
-        for epoch in range(cfg.train.epochs):
+        test = None
+        while position.epoch < cfg.train.epochs:
+            epoch = position.epoch
             model.train()
             loader.set_epoch(epoch)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
-                       dynamic_ncols=True, leave=False)
-            start = time.perf_counter()
+            # Mid-epoch resume: the same shuffled order (a function of seed and epoch), from the next unseen batch.
+            batches = accelerator.skip_first_batches(loader, position.step_in_epoch) if position.step_in_epoch else loader
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
+                       initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False)
+            start, first_step = time.perf_counter(), position.step_in_epoch
             for images, labels in bar:
                 loss = F.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -81,24 +103,40 @@ def train(cfg: Config) -> dict[str, Any]:
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                step += 1
-                if step % cfg.train.log_every == 0:
-                    throughput = (bar.n + 1) * samples_per_step / (time.perf_counter() - start)
+                position.step_in_epoch += 1
+                position.global_step += 1
+                if position.global_step % cfg.train.log_every == 0:
+                    throughput = (position.step_in_epoch - first_step) * samples_per_step / (time.perf_counter() - start)
                     mean_loss = dist_mean(accelerator, loss)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
                     run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
-                                 "train/samples_per_s": throughput, "epoch": epoch + 1}, step)
+                                 "train/samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
+                # One tiny all-reduce a step, so that every rank stops after the same step.
+                if any_rank(accelerator, stop.signal is not None):
+                    position.train_seconds += time.perf_counter() - start
+                    path = save()
+                    why = stop.signal.name if stop.signal else "a stop signal on another rank"
+                    raise Preempted(f"stopped by {why} at step {position.global_step}; checkpoint {path} saved; "
+                                    "run the same command again to resume")
+                every = cfg.checkpoint.every_steps
+                if every and position.global_step % every == 0 and position.step_in_epoch < len(loader):
+                    save()
             bar.close()
             epoch_seconds = time.perf_counter() - start
-            train_seconds += epoch_seconds
-            throughput = len(loader) * samples_per_step / epoch_seconds
+            position.train_seconds += epoch_seconds
+            throughput = (position.step_in_epoch - first_step) * samples_per_step / epoch_seconds
             test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
-            history.append({"epoch": epoch + 1, "test_accuracy": test.percent, "train_seconds": train_seconds})
+            position.history.append({"epoch": epoch + 1, "test_accuracy": test.percent,
+                                     "train_seconds": position.train_seconds})
             accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
                               f"({test.percent:.2f}%), {throughput:.0f} samples/s, {epoch_seconds:.1f} s")
             run_log.log({"test/accuracy": test.percent, "test/correct": test.correct, "test/seen": test.seen,
-                         "train/epoch_samples_per_s": throughput, "epoch": epoch + 1}, step)
+                         "train/epoch_samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
+            position.epoch, position.step_in_epoch = epoch + 1, 0
+            save()
 
+        if test is None:  # resumed from a finished run: nothing left to train
+            test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
         train_acc = exact_accuracy(accelerator, model, data.first(train_set, cfg.data.train_samples),
                                    cfg.train.eval_batch_size)
         accelerator.print("Accuracy on training data:")
@@ -109,16 +147,23 @@ def train(cfg: Config) -> dict[str, Any]:
         summary = {
             "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
             "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
-            "train_seconds": train_seconds, "samples_per_s": step * samples_per_step / train_seconds,
-            "steps": step, "num_processes": accelerator.num_processes, "history": history,
+            "train_seconds": position.train_seconds,
+            "samples_per_s": position.global_step * samples_per_step / max(position.train_seconds, 1e-9),
+            "steps": position.global_step, "num_processes": accelerator.num_processes,
         }
-        run_log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent}, step)
-        run_log.summary({k: v for k, v in summary.items() if k != "history"})
+        run_log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent}, position.global_step)
+        run_log.summary(summary)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_model(accelerator, model, cfg, run_dir / MODEL_FILE)
+            summary["history"] = position.history
             (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+    except Exception as e:
+        lost = peer_failure(accelerator, e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if run_log is not None:
             run_log.close()

@@ -55,3 +55,29 @@ def smoke_run(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedPro
                      "--data-dir", str(data_dir), "--output-dir", str(out), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
+
+
+def start_distrnn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `distrnn ...` in the background (its own session, so a test can signal the whole job)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("DISTRNN_DEBUG", None)
+    return subprocess.Popen([str(BIN / "distrnn"), *args], cwd=REPO, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Block until metrics.jsonl records `step` or later; return the step seen."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-3000:]}"
+        if metrics.is_file():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")

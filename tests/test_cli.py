@@ -34,7 +34,7 @@ def one_line_error(result, expected: str, code: int | None = None) -> None:
         (["train", "--mode", "cpu", "--precision", "fp16"], "precision fp16 needs a GPU; on CPU use --precision bf16", 1),
         (["train", "--mode", "cpu", "--num-processes", "0"], "--num-processes must be >= 1, got 0", 1),
         (["train", "--bogus"], "No such option '--bogus'. (see distrnn train --help)", 2),
-        (["evaluate", "--checkpoint", "/nonexistent/run"], "no saved model at '/nonexistent/run'; pass a run folder holding model.pt", 1),
+        (["evaluate", "--checkpoint", "/nonexistent/run"], "no saved model at '/nonexistent/run'; pass a run folder holding model.pt, the file itself", 1),
     ],
 )
 def test_bad_cli_input_is_one_line(args, expected, code):

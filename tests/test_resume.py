@@ -1,0 +1,168 @@
+"""Checkpoints, exact resume, preemption signals and rank failure, with real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from distrnn.preemption import REQUEUE_EXIT_CODE
+from tests.conftest import BIN, counts, distrnn, start_distrnn, wait_for_step
+
+# Two epochs of 4000 images: 63 steps an epoch with 1 process, 32 with 2; a checkpoint every 10 steps.
+STEPS = {1: 63, 2: 32}
+RUN = ["--config", "configs/smoke.yaml", "--set", "data.train_samples=4000", "--set", "data.test_samples=2000",
+       "--set", "train.epochs=2", "--set", "train.log_every=2", "--set", "checkpoint.every_steps=10",
+       "--set", "train.collective_timeout_s=20"]
+
+
+def train_args(out: Path, processes: int, data_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--mode", "cpu", "--num-processes", str(processes), "--data-dir", str(data_dir),
+            "--output-dir", str(out), *RUN, *extra]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs"
+
+
+def latest_meta(run_dir: Path) -> dict:
+    name = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return json.loads((run_dir / "checkpoints" / name / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The reference each interrupted run must match, per number of processes (trained lazily)."""
+    runs: dict[int, tuple[Path, str]] = {}
+
+    def get(processes: int) -> tuple[Path, str]:
+        if processes not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted{processes}") / "run"
+            result = distrnn(*train_args(out, processes, data_dir, "--no-wandb"))
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[processes] = (out, result.stdout)
+        return runs[processes]
+
+    return get
+
+
+def interrupt(out: Path, processes: int, data_dir: Path, sig: signal.Signals, at_step: int = 10, *extra: str):
+    proc = start_distrnn(*train_args(out, processes, data_dir, *extra))
+    wait_for_step(proc, out, at_step)
+    os.kill(proc.pid, sig)  # the launcher, as SLURM or a terminal would
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("processes, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, uninterrupted,
+                                                                       processes, sig):
+    reference, reference_stdout = uninterrupted(processes)
+    out = tmp_path / "run"
+    code, _, stderr = interrupt(out, processes, data_dir, sig, 4, "--wandb")
+    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    assert f"stopped by {sig.name}" in stderr
+    meta = latest_meta(out)
+    assert meta["position"]["epoch"] == 0 and 0 < meta["position"]["step_in_epoch"] < STEPS[processes]
+    assert not (out / "model.pt").exists()
+
+    resumed = distrnn(*train_args(out, processes, data_dir, "--wandb"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step-" in resumed.stdout
+    assert_bit_identical(out, reference)
+    assert counts(resumed.stdout) == counts(reference_stdout)
+
+    # W&B: one run id across both starts, its step counter continuing where the first stopped
+    wandb_runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
+    steps = []
+    for run in wandb_runs:
+        records = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(run)],
+                                 capture_output=True, text=True, timeout=120).stdout.splitlines()
+        steps.append([json.loads(r)["history"]["step"]["num"] for r in records if '"type":"history"' in r])
+    assert steps[0] and steps[1] and steps[1][0] > steps[0][-1] >= meta["position"]["global_step"] - 2
+    assert steps[1][-1] == 2 * STEPS[processes]
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, uninterrupted):
+    reference, reference_stdout = uninterrupted(1)
+    out = tmp_path / "run"
+    code, _, _ = interrupt(out, 1, data_dir, signal.SIGUSR1, 4)
+    assert code == REQUEUE_EXIT_CODE
+    good = latest_meta(out)["position"]["global_step"]
+
+    # Resume with a save that takes 60 s, and kill the whole job while it is writing.
+    proc = start_distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_TEST_SAVE_DELAY_S": "60"})
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob(".tmp-step-*/model.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no save started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert latest_meta(out)["position"]["global_step"] == good  # 'latest' did not move
+
+    resumed = distrnn(*train_args(out, 1, data_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "warning: skipping incomplete checkpoint" in resumed.stdout
+    assert f"checkpoints/step-{good:08d}: epoch 1" in resumed.stdout
+    assert_bit_identical(out, reference)
+
+
+def test_a_killed_rank_stops_the_others_quickly_and_resume_works(tmp_path, data_dir, uninterrupted):
+    reference, _ = uninterrupted(2)
+    out = tmp_path / "run"
+    proc = start_distrnn(*train_args(out, 2, data_dir))
+    wait_for_step(proc, out, 12)  # after the checkpoint at step 10
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "distrnn.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    victim = workers[1]
+    victim.send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=90)  # fails the test instead of hanging
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 45, f"took {elapsed:.0f} s to stop"
+    assert "was killed by SIGKILL" in stderr
+    assert "Traceback" not in stderr
+    gone = psutil.wait_procs(workers, timeout=10)[1]
+    assert not gone, f"left behind: {gone}"
+
+    resumed = distrnn(*train_args(out, 2, data_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_bit_identical(out, reference)
+
+
+def test_checkpoint_rebuilds_its_model_and_refuses_another(tmp_path, data_dir):
+    out = tmp_path / "run"
+    code, _, _ = interrupt(out, 1, data_dir, signal.SIGUSR1, 4, "--set", "model.hidden_size=64",
+                           "--set", "model.cell=gru")
+    assert code == REQUEUE_EXIT_CODE
+    checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+
+    # evaluate needs no model flags: the config stored with the checkpoint rebuilds the GRU
+    result = distrnn("evaluate", "--checkpoint", str(checkpoint), "--mode", "cpu",
+                     "--data-dir", str(data_dir), "--limit", "500")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [seen for _, seen in counts(result.stdout)] == [500, 500]
+
+    # resuming with another model is refused with one line naming the difference
+    result = distrnn(*train_args(out, 1, data_dir, "--set", "model.hidden_size=128", "--set", "model.cell=gru"))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"distrnn.train: error: checkpoint {checkpoint} has model.hidden_size=64 but this run asks for "
+                     "model.hidden_size=128; use the same config, another --output-dir, or --resume never"]
