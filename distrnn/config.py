@@ -25,6 +25,7 @@ NONLINEARITIES = ("tanh", "relu")
 HEADS = ("all-steps", "last-step")
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULES = ("constant", "onecycle")
+LOADERS = ("memory", "torchvision")
 
 MNIST_PIXELS = 28 * 28
 MNIST_TRAIN_SIZE = 60_000
@@ -47,6 +48,8 @@ class ModelConfig:
 class DataConfig:
     # A folder holding MNIST/raw; DISTRNN_DATA_DIR lets CI and clusters point at shared data.
     dir: str = field(default_factory=lambda: os.environ.get("DISTRNN_DATA_DIR", "./data"))
+    # memory: uint8 tensors on the device, sliced per batch; torchvision: the seed's DataLoader + ToTensor
+    loader: str = "memory"
     train_samples: int | None = None  # the first N training images; None means all 60000
     test_samples: int | None = None  # the first N test images; None means all 10000
     num_workers: int = 0
@@ -68,6 +71,7 @@ class TrainConfig:
     precision: str = "no"
     seed: int = 0
     log_every: int = 50  # optimizer steps between loss logs
+    eval_every: int | None = None  # steps between extra test evaluations (besides each epoch end)
     output_dir: str = "runs/default"
     # A collective that waits longer than this (a rank died or hangs) ends the run with an error.
     collective_timeout_s: int = 300
@@ -266,6 +270,7 @@ def validate(cfg: Config) -> None:
     _choice("model.head", m.head, HEADS)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("data.loader", d.loader, LOADERS)
     for key, value in [
         ("model.input_size", m.input_size),
         ("model.hidden_size", m.hidden_size),
@@ -301,6 +306,7 @@ def validate(cfg: Config) -> None:
         _check(value is None or 0 < value <= limit, f"config key '{key}' must be null or 1..{limit}, got {value}")
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
+    _check(t.eval_every is None or t.eval_every > 0, f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
     every = cfg.checkpoint.every_steps
     _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")

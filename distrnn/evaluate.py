@@ -13,7 +13,6 @@ import click
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import Dataset
 
 from distrnn import data
 from distrnn.config import Config, build_config
@@ -39,15 +38,13 @@ class Accuracy:
 
 
 @torch.no_grad()
-def exact_accuracy(accelerator: Accelerator, model: nn.Module, dataset: Dataset, batch_size: int) -> Accuracy:
-    """Global (correct, seen) over `dataset`, identical whatever the number of processes."""
+def exact_accuracy(accelerator: Accelerator, model: nn.Module, split: data.Split, batch_size: int) -> Accuracy:
+    """Global (correct, seen) over `split`, identical whatever the number of processes."""
     net = accelerator.unwrap_model(model)  # plain module: no DDP collectives on uneven shards
     was_training = net.training
     net.eval()
-    loader = data.eval_loader(dataset, batch_size, accelerator.process_index, accelerator.num_processes)
     correct = seen = 0
-    for images, labels in loader:
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+    for images, labels in data.eval_batches(split, batch_size, accelerator.process_index, accelerator.num_processes):
         with accelerator.autocast():
             predictions = net(images).argmax(dim=1)
         correct += int((predictions == labels).sum())
@@ -120,8 +117,8 @@ def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: i
         accelerator = make_accelerator(cfg, project_dir=str(Path(checkpoint)), log_with=None)
         model = model.to(accelerator.device)
         for train, label in [(True, "training"), (False, "test")]:
-            dataset = data.first(data.load_mnist(cfg.data.dir, train, accelerator), limit)
-            acc = exact_accuracy(accelerator, model, dataset, cfg.train.eval_batch_size)
+            split = data.Split.of(data.load_mnist(cfg.data.dir, train, accelerator), limit).to(accelerator.device)
+            acc = exact_accuracy(accelerator, model, split, cfg.train.eval_batch_size)
             accelerator.print(f"Accuracy on {label} data:")
             accelerator.print(acc.report())
     finally:

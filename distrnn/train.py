@@ -6,6 +6,7 @@ Reads top to bottom: config -> accelerator -> resume point -> data -> model -> l
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from distrnn.checkpoint import Position
 from distrnn.config import Config, load_config
 from distrnn.distributed import any_rank, dist_mean, make_accelerator, peer_failure, teardown
 from distrnn.errors import run_cli
-from distrnn.evaluate import MODEL_FILE, exact_accuracy, save_model
+from distrnn.evaluate import MODEL_FILE, Accuracy, exact_accuracy, save_model
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.options import config_options, overrides_from
 from distrnn.preemption import Preempted, StopFlag
@@ -60,12 +61,14 @@ def train(cfg: Config) -> dict[str, Any]:
         run_log = RunLog(accelerator, cfg, run_dir, resumed_id=meta.get("wandb_run_id") if meta else None)
 
         train_set = data.load_mnist(cfg.data.dir, True, accelerator)
-        test_set = data.first(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
+        test_set = data.Split.of(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
+        test_set = test_set.to(accelerator.device)
 
         model = StackedRNN(cfg.model)
         accelerator.print(f"model: {count_parameters(model):,} parameters")
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
-        model, optimizer, loader = accelerator.prepare(model, optimizer, data.train_loader(cfg, train_set))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = data.train_loader(cfg, train_set, accelerator)
         scheduler = make_scheduler(cfg, optimizer, len(loader))
         if scheduler is not None:
             scheduler = accelerator.prepare(scheduler)
@@ -83,17 +86,26 @@ def train(cfg: Config) -> dict[str, Any]:
             accelerator.print(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
             return path
 
+        def test_now(epoch_progress: float) -> Accuracy:
+            """Exact test accuracy, recorded against the training time so far (evaluation not counted)."""
+            accuracy = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
+            position.history.append({"epoch": round(epoch_progress, 3), "step": position.global_step,
+                                     "test_accuracy": accuracy.percent, "train_seconds": position.train_seconds})
+            run_log.log({"test/accuracy": accuracy.percent, "test/correct": accuracy.correct,
+                         "test/seen": accuracy.seen, "epoch": epoch_progress}, position.global_step)
+            model.train()
+            return accuracy
+
         samples_per_step = cfg.train.batch_size * accelerator.num_processes
         test = None
         while position.epoch < cfg.train.epochs:
             epoch = position.epoch
             model.train()
-            loader.set_epoch(epoch)
             # Mid-epoch resume: the same shuffled order (a function of seed and epoch), from the next unseen batch.
-            batches = accelerator.skip_first_batches(loader, position.step_in_epoch) if position.step_in_epoch else loader
+            batches = data.epoch_batches(accelerator, loader, epoch, position.step_in_epoch)
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
                        initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False)
-            start, first_step = time.perf_counter(), position.step_in_epoch
+            start, first_step, epoch_seconds = time.perf_counter(), position.step_in_epoch, 0.0
             for images, labels in bar:
                 loss = F.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -106,7 +118,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 position.step_in_epoch += 1
                 position.global_step += 1
                 if position.global_step % cfg.train.log_every == 0:
-                    throughput = (position.step_in_epoch - first_step) * samples_per_step / (time.perf_counter() - start)
+                    elapsed = epoch_seconds + time.perf_counter() - start
+                    throughput = (position.step_in_epoch - first_step) * samples_per_step / elapsed
                     mean_loss = dist_mean(accelerator, loss)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
                     run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
@@ -121,24 +134,28 @@ def train(cfg: Config) -> dict[str, Any]:
                 every = cfg.checkpoint.every_steps
                 if every and position.global_step % every == 0 and position.step_in_epoch < len(loader):
                     save()
+                test_every = cfg.train.eval_every
+                if test_every and position.global_step % test_every == 0 and position.step_in_epoch < len(loader):
+                    now = time.perf_counter()
+                    epoch_seconds += now - start
+                    position.train_seconds += now - start
+                    test_now(epoch + position.step_in_epoch / len(loader))
+                    start = time.perf_counter()
             bar.close()
-            epoch_seconds = time.perf_counter() - start
-            position.train_seconds += epoch_seconds
+            epoch_seconds += time.perf_counter() - start
+            position.train_seconds += time.perf_counter() - start
             throughput = (position.step_in_epoch - first_step) * samples_per_step / epoch_seconds
-            test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
-            position.history.append({"epoch": epoch + 1, "test_accuracy": test.percent,
-                                     "train_seconds": position.train_seconds})
+            test = test_now(epoch + 1)
+            run_log.log({"train/epoch_samples_per_s": throughput}, position.global_step)
             accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
                               f"({test.percent:.2f}%), {throughput:.0f} samples/s, {epoch_seconds:.1f} s")
-            run_log.log({"test/accuracy": test.percent, "test/correct": test.correct, "test/seen": test.seen,
-                         "train/epoch_samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
             position.epoch, position.step_in_epoch = epoch + 1, 0
             save()
 
         if test is None:  # resumed from a finished run: nothing left to train
             test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
-        train_acc = exact_accuracy(accelerator, model, data.first(train_set, cfg.data.train_samples),
-                                   cfg.train.eval_batch_size)
+        train_split = data.Split.of(train_set, cfg.data.train_samples).to(accelerator.device)
+        train_acc = exact_accuracy(accelerator, model, train_split, cfg.train.eval_batch_size)
         accelerator.print("Accuracy on training data:")
         accelerator.print(train_acc.report())
         accelerator.print("Accuracy on test data:")
@@ -150,6 +167,8 @@ def train(cfg: Config) -> dict[str, Any]:
             "train_seconds": position.train_seconds,
             "samples_per_s": position.global_step * samples_per_step / max(position.train_seconds, 1e-9),
             "steps": position.global_step, "num_processes": accelerator.num_processes,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator.device.type == "cuda" else None,
         }
         run_log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent}, position.global_step)
         run_log.summary(summary)

@@ -1,0 +1,206 @@
+"""Side-by-side benchmark: the seed notebook's loop vs distrnn (default config) vs distrnn (fast config).
+
+One invocation runs all contestants on the same data and machine, in interleaved rounds
+(seed, default, fast, seed, default, fast, ...), each in its own process, and reports per
+contestant (median over rounds): training samples/s, wall time, test accuracy after each epoch,
+time to 97.5% test accuracy, peak RSS (and GPU memory on GPU), and the ratios against the seed.
+Once per invocation it also runs the default config with 2 processes (gloo on CPU, DDP on GPUs).
+
+    python -m benchmarks.bench                      # the full run the README quotes
+    python -m benchmarks.bench --quick --out /tmp/b # a few hundred steps: checks that it works
+
+Writes results.json, results.md and accuracy_vs_time.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 97.5
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"benchmark step failed ({' '.join(cmd)}):\n{result.stderr[-3000:]}")
+    return result, wall
+
+
+def run_seed(args, env) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.seed_loop", "--data-dir", args.data_dir]
+    if args.quick:
+        cmd += ["--max-steps", "100", "--epochs", "1"]
+    result, wall = timed(cmd, env)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return {**json.loads(line[len("RESULT "):]), "wall_seconds": wall}
+
+
+def run_distrnn(args, env, config: str, processes: int, workdir: Path) -> dict:
+    out = workdir / f"{Path(config).stem}-{processes}p-{time.monotonic_ns()}"
+    mode = "cpu" if args.device == "cpu" else ("gpu" if processes == 1 else "ddp")
+    cmd = [str(Path(sys.executable).parent / "distrnn"), "train", "--mode", mode, "--num-processes", str(processes),
+           "--config", config, "--data-dir", args.data_dir, "--output-dir", str(out), "--no-wandb",
+           "--resume", "never"]
+    if args.quick:
+        cmd += ["--epochs", "1", "--set", "data.train_samples=6400", "--set", "data.test_samples=2000"]
+    _, wall = timed(cmd, env)
+    summary = json.loads((out / "summary.json").read_text())
+    return {**summary, "wall_seconds": wall}
+
+
+def time_to_target(history: list[dict]) -> float | None:
+    return next((h["train_seconds"] for h in history if h["test_accuracy"] >= TARGET), None)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Median over rounds; the accuracy curve of the first round."""
+    def med(key):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    reached = [time_to_target(r["history"]) for r in runs]
+    return {
+        "rounds": len(runs), "samples_per_s": med("samples_per_s"), "train_seconds": med("train_seconds"),
+        "wall_seconds": med("wall_seconds"), "test_accuracy": med("test_accuracy"),
+        "time_to_97_5_s": statistics.median(reached) if all(t is not None for t in reached) else None,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_gpu_mb": med("peak_gpu_mb"),
+        "history": runs[0]["history"], "all_rounds": runs,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value, spec: str = ".1f", none: str = "not reached") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    seed = results["contestants"]["seed loop"]
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"GPU {results['machine']['gpu'] or 'none'}; torch {results['machine']['torch']}; "
+        f"{'quick mode' if results['quick'] else 'full run'}, {results['rounds']} interleaved round(s), medians.",
+        f"Command: `{results['command']}`",
+        "",
+        "| contestant | samples/s | x seed | train s | wall s | test acc per epoch | final test | "
+        f"time to {TARGET}% | x seed | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results["contestants"].items():
+        per_epoch = ", ".join(f"{h['test_accuracy']:.2f}" for h in r["history"])
+        memory = f"{r['peak_rss_mb']:.0f}" + ("" if r["peak_gpu_mb"] is None else f" (GPU {r['peak_gpu_mb']:.0f})")
+        lines.append(
+            f"| {name} | {r['samples_per_s']:.0f} | {fmt(ratio(r['samples_per_s'], seed['samples_per_s']), '.2f')} | "
+            f"{r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | {per_epoch} | {r['test_accuracy']:.2f} | "
+            f"{fmt(r['time_to_97_5_s'])} | {fmt(ratio(r['time_to_97_5_s'], seed['time_to_97_5_s']), '.2f', '-')} | "
+            f"{memory} |"
+        )
+    ddp = results.get("ddp")
+    if ddp:
+        lines += ["", f"2 processes ({ddp['backend']}), default config: {ddp['samples_per_s']:.0f} samples/s, "
+                  f"{ddp['ratio_to_1_process']:.2f}x one process; final test {ddp['test_accuracy']:.2f}%."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results["contestants"].items():
+        xs = [0.0] + [h["train_seconds"] for h in r["history"]]
+        ys = [10.0] + [h["test_accuracy"] for h in r["history"]]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.axhline(TARGET, color="grey", linestyle="--", linewidth=1, label=f"{TARGET}%")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test accuracy (%) after each epoch")
+    ax.set_ylim(85 if not results["quick"] else 0, 100)
+    ax.set_title(f"MNIST stacked RNN, {results['machine']['cores']} CPU cores"
+                 + (f", {results['machine']['gpu']}" if results["machine"]["gpu"] else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("DISTRNN_DATA_DIR", "./data"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a few hundred steps each; checks only that it runs")
+    parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process run")
+    args = parser.parse_args()
+    import torch
+
+    args.device = "gpu" if torch.cuda.is_available() else "cpu"
+    rounds = 1 if args.quick else args.rounds
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs: dict[str, list[dict]] = {"seed loop": [], "distrnn default": [], "distrnn fast": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(rounds):
+            for name, run in [("seed loop", lambda: run_seed(args, env)),
+                              ("distrnn default", lambda: run_distrnn(args, env, "configs/default.yaml", 1, Path(tmp))),
+                              ("distrnn fast", lambda: run_distrnn(args, env, "configs/fast.yaml", 1, Path(tmp)))]:
+                print(f"round {round_index + 1}/{rounds}: {name} ...", flush=True)
+                runs[name].append(run())
+                r = runs[name][-1]
+                print(f"  {r['samples_per_s']:.0f} samples/s, test {r['test_accuracy']:.2f}%, "
+                      f"train {r['train_seconds']:.1f} s, wall {r['wall_seconds']:.1f} s", flush=True)
+        ddp = None
+        if not args.no_ddp and (args.device == "cpu" or torch.cuda.device_count() > 1):
+            print("2 processes: distrnn default ...", flush=True)
+            two = run_distrnn(args, env, "configs/default.yaml", 2, Path(tmp))
+            one = statistics.median(r["samples_per_s"] for r in runs["distrnn default"])
+            ddp = {"backend": "gloo" if args.device == "cpu" else "nccl", "samples_per_s": two["samples_per_s"],
+                   "ratio_to_1_process": two["samples_per_s"] / one, "test_accuracy": two["test_accuracy"],
+                   "peak_rss_mb": two["peak_rss_mb"]}
+
+    results = {
+        "machine": machine(), "quick": args.quick, "rounds": rounds,
+        "command": "python -m benchmarks.bench" + (" --quick" if args.quick else f" --rounds {rounds}"),
+        "contestants": {name: aggregate(r) for name, r in runs.items()}, "ddp": ddp,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "accuracy_vs_time.png")
+    print(markdown(results))
+    print(f"wrote {out}/results.json, results.md, accuracy_vs_time.png")
+
+
+if __name__ == "__main__":
+    main()
