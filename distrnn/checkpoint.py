@@ -19,7 +19,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from distrnn.config import Config
+from distrnn.distributed import main_then_agree
 from distrnn.errors import DistrnnError
+from distrnn.run_folder import check_free_space
 
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
@@ -63,18 +65,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(accelerator: Accelerator, run_dir: Path, position: Position, cfg: Config, extra: dict[str, Any]) -> Path:
+def save(accelerator: Accelerator, run_dir: Path, position: Position, cfg: Config, extra: dict[str, Any],
+         needed_bytes: int) -> Path:
     """Collective: every rank calls it (Accelerate saves each rank's RNG state)."""
     root = checkpoints_dir(run_dir)
     name = f"step-{position.global_step:08d}"
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
     if final.exists():  # e.g. a step checkpoint that fell on the epoch's last step
         return final
+    main_then_agree(accelerator, lambda: check_free_space(run_dir, needed_bytes))
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
+        raise DistrnnError(f"could not write checkpoint {tmp} ({e.strerror or e}); the previous checkpoint is "
+                           "intact: free some space and run the same command again to resume") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # A hook for the kill-during-save test: widens the window between writing and renaming.

@@ -10,6 +10,8 @@ Both feed the model identical float values (uint8 / 255, exactly what ToTensor c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,22 +34,75 @@ RAW_FILES = (
 )
 
 
-def _missing_message(root: Path, reason: str) -> str:
-    return (
-        f"MNIST not found in {root / 'MNIST' / 'raw'} ({reason}); put the four IDX files "
-        f"({', '.join(RAW_FILES)}) there, or point --data-dir / DISTRNN_DATA_DIR at a folder holding MNIST/raw"
-    )
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: unsigned bytes, 3 dimensions / 1 dimension
+
+
+def _split_files(raw: Path, train: bool) -> tuple[Path, Path]:
+    prefix = "train" if train else "t10k"
+    return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+
+
+def _header(path: Path, size: int) -> list[int]:
+    with path.open("rb") as f:
+        header = f.read(size)
+    if len(header) < size:
+        raise DistrnnError(f"MNIST file {path} is truncated ({len(header)} bytes, shorter than its header); "
+                           "replace it with a complete copy")
+    return [int.from_bytes(header[i : i + 4], "big") for i in range(0, size, 4)]
+
+
+def check_files(raw: Path, train: bool) -> None:
+    """Refuse damaged IDX files with one line naming the file, before torchvision trips over them."""
+    images, labels = _split_files(raw, train)
+    magic, n_images, rows, cols = _header(images, 16)
+    if magic != IMAGES_MAGIC:
+        raise DistrnnError(f"MNIST file {images} has magic number {magic}, not {IMAGES_MAGIC}: it is not an "
+                           "uncompressed IDX image file (gunzip it, or replace it)")
+    if (rows, cols) != (28, 28):
+        raise DistrnnError(f"MNIST file {images} holds {rows}x{cols} images, not 28x28; replace it")
+    expected = 16 + n_images * rows * cols
+    if images.stat().st_size != expected:
+        raise DistrnnError(f"MNIST file {images} is {images.stat().st_size} bytes but its header promises "
+                           f"{n_images} images ({expected} bytes): it is truncated or damaged; replace it")
+    magic, n_labels = _header(labels, 8)
+    if magic != LABELS_MAGIC:
+        raise DistrnnError(f"MNIST file {labels} has magic number {magic}, not {LABELS_MAGIC}: it is not an "
+                           "uncompressed IDX label file (gunzip it, or replace it)")
+    values = labels.read_bytes()[8:]
+    if len(values) != n_labels:
+        raise DistrnnError(f"MNIST file {labels} is {8 + len(values)} bytes but its header promises {n_labels} "
+                           "labels: it is truncated or damaged; replace it")
+    if n_labels != n_images:
+        raise DistrnnError(f"MNIST files disagree: {images.name} has {n_images} images but {labels.name} has "
+                           f"{n_labels} labels; replace them with a matching pair")
+    if n_images == 0:
+        raise DistrnnError(f"MNIST file {images} holds no images; replace it")
+    if max(values) > 9:
+        raise DistrnnError(f"MNIST file {labels} has a label {max(values)} (labels must be 0-9); replace it")
 
 
 def load_mnist(data_dir: str, train: bool, accelerator: Accelerator) -> datasets.MNIST:
-    """The main process downloads if the files are missing; the others wait, then load."""
+    """The main process downloads if files are missing; the others wait, then load."""
     root = Path(data_dir).expanduser()
+    raw = root / "MNIST" / "raw"
     with accelerator.main_process_first():
-        try:
-            return datasets.MNIST(str(root), train=train, transform=transforms.ToTensor(), download=True)
-        except (OSError, RuntimeError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DistrnnError(_missing_message(root, f"download failed: {first_line}")) from None
+        missing = [name for name in RAW_FILES if not (raw / name).is_file()]
+        if missing:
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):  # torchvision prints each mirror it tries
+                    datasets.MNIST(str(root), train=train, download=True)
+            except Exception as e:
+                # The last mirror's error (e.g. "Name or service not known") says more than the exception.
+                lines = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+                reason = lines[-1] if lines else (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DistrnnError(
+                    f"MNIST not found in {raw} (missing {', '.join(missing)}; download failed: {reason}); "
+                    f"put the four uncompressed IDX files ({', '.join(RAW_FILES)}) there, or point --data-dir "
+                    "or DISTRNN_DATA_DIR at a folder holding MNIST/raw"
+                ) from None
+        check_files(raw, train)
+        return datasets.MNIST(str(root), train=train, transform=transforms.ToTensor(), download=False)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -58,6 +59,18 @@ def dist_sum(accelerator: Accelerator, *counts: int) -> tuple[int, ...]:
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank if it is true on any rank (one all-reduce)."""
     return dist_sum(accelerator, int(flag))[0] > 0
+
+
+def main_then_agree(accelerator: Accelerator, check: Callable[[], None]) -> None:
+    """Run `check` on the main process only; if it fails, every rank stops (none waits in a collective)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except DistrnnError as e:
+            error = e
+    if any_rank(accelerator, error is not None):
+        raise error or DistrnnError("the main process stopped the run (its message says why)")
 
 
 def dist_mean(accelerator: Accelerator, value: torch.Tensor) -> float:

@@ -16,19 +16,31 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distrnn import checkpoint, data
+from distrnn import checkpoint, data, run_folder
 from distrnn.checkpoint import Position
 from distrnn.config import Config, load_config
-from distrnn.distributed import any_rank, dist_mean, make_accelerator, peer_failure, teardown
-from distrnn.errors import run_cli
+from distrnn.distributed import dist_mean, dist_sum, main_then_agree, make_accelerator, peer_failure, teardown
+from distrnn.errors import DistrnnError, run_cli
 from distrnn.evaluate import MODEL_FILE, Accuracy, exact_accuracy, save_model
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.options import config_options, overrides_from
 from distrnn.preemption import Preempted, StopFlag
 from distrnn.tracking import RunLog
 
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
+
+
+def nonfinite_loss(accelerator, run_dir: Path, position: Position, model, loss, images, labels) -> DistrnnError:
+    """Every rank whose loss is not finite saves what helps to debug it; all ranks then stop together."""
+    debug_dir = run_dir / "debug"
+    if not torch.isfinite(loss):
+        debug_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": accelerator.unwrap_model(model).state_dict(), "images": images.cpu(),
+                    "labels": labels.cpu(), "loss": float(loss), "global_step": position.global_step,
+                    "epoch": position.epoch + 1, "batch": position.step_in_epoch},
+                   debug_dir / f"nonfinite-step-{position.global_step}-rank-{accelerator.process_index}.pt")
+    return DistrnnError(f"the training loss became {float(loss) if not torch.isfinite(loss) else 'non-finite on another rank'} "
+                        f"at step {position.global_step} (epoch {position.epoch + 1}, batch {position.step_in_epoch}); "
+                        f"model and batch saved in {debug_dir}; lower --lr or set optim.grad_clip")
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -45,27 +57,28 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator = run_log = None
     try:
         accelerator = make_accelerator(cfg, str(run_dir), log_with="wandb" if cfg.wandb.enabled else None)
-        resume_from, warnings = checkpoint.find_resume(run_dir, cfg.checkpoint.resume)
-        meta = checkpoint.read_meta(resume_from) if resume_from else None
-        if meta:
-            checkpoint.check_compatible(meta, cfg, accelerator.num_processes, resume_from)
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-        for warning in warnings:
-            accelerator.print(f"warning: {warning}")
         accelerator.print(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
                           f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
                           f"{cfg.to_yaml()}-----------------------")
-        accelerator.wait_for_everyone()
-        run_log = RunLog(accelerator, cfg, run_dir, resumed_id=meta.get("wandb_run_id") if meta else None)
-
+        # Data first: a missing or damaged data set stops the run before anything is written.
         train_set = data.load_mnist(cfg.data.dir, True, accelerator)
         test_set = data.Split.of(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
         test_set = test_set.to(accelerator.device)
 
+        resume_from, warnings = checkpoint.find_resume(run_dir, cfg.checkpoint.resume)
+        meta = checkpoint.read_meta(resume_from) if resume_from else None
+        if meta:
+            checkpoint.check_compatible(meta, cfg, accelerator.num_processes, resume_from)
         model = StackedRNN(cfg.model)
         accelerator.print(f"model: {count_parameters(model):,} parameters")
+        checkpoint_size = run_folder.checkpoint_bytes(count_parameters(model), accelerator.num_processes)
+        main_then_agree(accelerator, lambda: (
+            run_folder.check_finished_run(run_dir, cfg),
+            run_folder.prepare(run_dir, cfg, needed_bytes=(cfg.checkpoint.keep + 2) * checkpoint_size + 2**20)))
+        for warning in warnings:
+            accelerator.print(f"warning: {warning}")
+        run_log = RunLog(accelerator, cfg, run_dir, resumed_id=meta.get("wandb_run_id") if meta else None)
+
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
         model, optimizer = accelerator.prepare(model, optimizer)
         loader = data.train_loader(cfg, train_set, accelerator)
@@ -82,7 +95,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
         def save() -> Path:
             start = time.perf_counter()
-            path = checkpoint.save(accelerator, run_dir, position, cfg, {"wandb_run_id": run_log.wandb_id})
+            path = checkpoint.save(accelerator, run_dir, position, cfg, {"wandb_run_id": run_log.wandb_id},
+                                   needed_bytes=checkpoint_size + 2**20)
             accelerator.print(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
             return path
 
@@ -103,45 +117,48 @@ def train(cfg: Config) -> dict[str, Any]:
             model.train()
             # Mid-epoch resume: the same shuffled order (a function of seed and epoch), from the next unseen batch.
             batches = data.epoch_batches(accelerator, loader, epoch, position.step_in_epoch)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
-                       initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False)
-            start, first_step, epoch_seconds = time.perf_counter(), position.step_in_epoch, 0.0
-            for images, labels in bar:
-                loss = F.cross_entropy(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if cfg.optim.grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                position.step_in_epoch += 1
-                position.global_step += 1
-                if position.global_step % cfg.train.log_every == 0:
-                    elapsed = epoch_seconds + time.perf_counter() - start
-                    throughput = (position.step_in_epoch - first_step) * samples_per_step / elapsed
-                    mean_loss = dist_mean(accelerator, loss)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
-                    run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
-                                 "train/samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
-                # One tiny all-reduce a step, so that every rank stops after the same step.
-                if any_rank(accelerator, stop.signal is not None):
-                    position.train_seconds += time.perf_counter() - start
-                    path = save()
-                    why = stop.signal.name if stop.signal else "a stop signal on another rank"
-                    raise Preempted(f"stopped by {why} at step {position.global_step}; checkpoint {path} saved; "
-                                    "run the same command again to resume")
-                every = cfg.checkpoint.every_steps
-                if every and position.global_step % every == 0 and position.step_in_epoch < len(loader):
-                    save()
-                test_every = cfg.train.eval_every
-                if test_every and position.global_step % test_every == 0 and position.step_in_epoch < len(loader):
-                    now = time.perf_counter()
-                    epoch_seconds += now - start
-                    position.train_seconds += now - start
-                    test_now(epoch + position.step_in_epoch / len(loader))
-                    start = time.perf_counter()
-            bar.close()
+            with tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
+                           initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False) as bar:
+                start, first_step, epoch_seconds = time.perf_counter(), position.step_in_epoch, 0.0
+                for images, labels in bar:
+                    loss = F.cross_entropy(model(images), labels)
+                    # One tiny all-reduce a step, before the update, so that every rank agrees to stop at the
+                    # same step (a signal) or not to apply a non-finite loss (the model stays debuggable).
+                    stop_requested, nonfinite = dist_sum(accelerator, stop.signal is not None, not torch.isfinite(loss))
+                    if nonfinite:
+                        raise nonfinite_loss(accelerator, run_dir, position, model, loss, images, labels)
+                    if stop_requested:
+                        position.train_seconds += time.perf_counter() - start
+                        path = save()
+                        why = stop.signal.name if stop.signal else "a stop signal on another rank"
+                        raise Preempted(f"stopped by {why} at step {position.global_step}; checkpoint {path} saved; "
+                                        "run the same command again to resume")
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    if cfg.optim.grad_clip is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    position.step_in_epoch += 1
+                    position.global_step += 1
+                    if position.global_step % cfg.train.log_every == 0:
+                        elapsed = epoch_seconds + time.perf_counter() - start
+                        throughput = (position.step_in_epoch - first_step) * samples_per_step / elapsed
+                        mean_loss = dist_mean(accelerator, loss)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
+                        run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                                     "train/samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
+                    every = cfg.checkpoint.every_steps
+                    if every and position.global_step % every == 0 and position.step_in_epoch < len(loader):
+                        save()
+                    test_every = cfg.train.eval_every
+                    if test_every and position.global_step % test_every == 0 and position.step_in_epoch < len(loader):
+                        now = time.perf_counter()
+                        epoch_seconds += now - start
+                        position.train_seconds += now - start
+                        test_now(epoch + position.step_in_epoch / len(loader))
+                        start = time.perf_counter()
             epoch_seconds += time.perf_counter() - start
             position.train_seconds += time.perf_counter() - start
             throughput = (position.step_in_epoch - first_step) * samples_per_step / epoch_seconds
@@ -176,7 +193,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if accelerator.is_main_process:
             save_model(accelerator, model, cfg, run_dir / MODEL_FILE)
             summary["history"] = position.history
-            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            (run_dir / run_folder.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     except Exception as e:
         lost = peer_failure(accelerator, e)
