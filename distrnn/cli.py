@@ -11,7 +11,7 @@ import click
 
 from distrnn import launcher
 from distrnn.config import load_config
-from distrnn.errors import DistrnnError, run_cli
+from distrnn.errors import run_cli
 from distrnn.options import config_options, overrides_from
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -37,14 +37,19 @@ def main(debug: bool) -> None:
 @main.command(context_settings=_CONTEXT)
 @mode_option
 @processes_option
+@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines in a multi-node run.")
+@click.option("--machine-rank", type=int, default=None, help="This machine's rank (0 on the main machine).")
+@click.option("--main-process-ip", default=None, help="Address of the machine with rank 0.")
+@click.option("--main-process-port", type=int, default=None, help="Rendezvous port on the machine with rank 0.")
 @config_options
-def train(mode: str, num_processes: int | None, config_file: str | None, **params: Any) -> None:
+def train(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
+          main_process_ip: str | None, main_process_port: int | None, config_file: str | None, **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
     overrides = overrides_from(params)
     cfg = load_config(config_file, overrides)  # fail here, once, not in every worker
     plan = launcher.plan(mode, num_processes)
-    if plan.uses_cpu and cfg.train.precision == "fp16":
-        raise DistrnnError("precision fp16 needs a GPU; on CPU use --precision bf16 or --precision no")
+    plan = launcher.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
+    launcher.check_precision(plan, cfg.train.precision)
     worker_args = (["--config", config_file] if config_file else []) + [a for o in overrides for a in ("--set", o)]
     sys.exit(launcher.launch(plan, "distrnn.train", worker_args))
 

@@ -23,10 +23,21 @@ LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 
 
 @dataclass(frozen=True)
+class Machines:
+    """Several machines, one launcher each (slurm/train_multinode.sh fills these from SLURM's variables)."""
+
+    count: int
+    rank: int
+    main_ip: str
+    main_port: int
+
+
+@dataclass(frozen=True)
 class Plan:
     mode: str  # cpu, gpu or ddp
-    num_processes: int
+    num_processes: int  # on this machine
     launch_config: Path
+    machines: Machines | None = None
 
     @property
     def uses_cpu(self) -> bool:
@@ -64,12 +75,46 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
     return Plan("cpu", n, LAUNCH_DIR / ("cpu.yaml" if n == 1 else "cpu_multi.yaml"))
 
 
+def on_machines(p: Plan, count: int, rank: int | None, main_ip: str | None, main_port: int | None) -> Plan:
+    """The same plan spread over `count` machines (launch/multinode.yaml)."""
+    if count == 1:
+        return p
+    if count < 1:
+        raise DistrnnError(f"--num-machines must be >= 1, got {count}")
+    if rank is None or main_ip is None or main_port is None:
+        raise DistrnnError("--num-machines > 1 needs --machine-rank, --main-process-ip and --main-process-port "
+                           "(slurm/train_multinode.sh sets them)")
+    if not 0 <= rank < count:
+        raise DistrnnError(f"--machine-rank must be 0..{count - 1}, got {rank}")
+    if p.mode == "gpu":
+        p = Plan("ddp", 1, p.launch_config)
+    return Plan(p.mode, p.num_processes, LAUNCH_DIR / "multinode.yaml", Machines(count, rank, main_ip, main_port))
+
+
+def check_precision(p: Plan, precision: str, gpu_bf16: bool | None = None) -> None:
+    """Refuse a precision the chosen device cannot run, before any worker starts."""
+    if p.uses_cpu and precision == "fp16":
+        # Measured: Accelerate silently trains in fp32 when asked for fp16 on a CPU.
+        raise DistrnnError("precision fp16 needs a GPU; on CPU use --precision bf16 or --precision no")
+    if not p.uses_cpu and precision == "bf16":
+        if gpu_bf16 is None:
+            import torch
+
+            gpu_bf16 = torch.cuda.is_bf16_supported()
+        if not gpu_bf16:
+            raise DistrnnError("precision bf16 is not supported by this GPU; use --precision fp16 or --precision no")
+
+
 def accelerate_args(p: Plan, module: str, worker_args: list[str]) -> list[str]:
     """The arguments of `accelerate launch` for this plan."""
     if not p.launch_config.is_file():
         raise DistrnnError(f"launch config {p.launch_config} is missing; run distrnn from its checkout (pip install -e .)")
     args = ["--config_file", str(p.launch_config)]
-    if p.num_processes > 1:
+    if p.machines is not None:
+        m = p.machines
+        args += ["--num_machines", str(m.count), "--num_processes", str(m.count * p.num_processes),
+                 "--machine_rank", str(m.rank), "--main_process_ip", m.main_ip, "--main_process_port", str(m.main_port)]
+    elif p.num_processes > 1:
         args += ["--num_processes", str(p.num_processes)]
     if p.uses_cpu:
         # What accelerate would pick (physical cores / processes), passed so it does not warn about it.
@@ -84,6 +129,7 @@ def launch(p: Plan, module: str, worker_args: list[str]) -> int:
     error, not with the launcher's traceback (CalledProcessError / ChildFailedError).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(accelerate_args(p, module, worker_args))
@@ -96,6 +142,10 @@ def launch(p: Plan, module: str, worker_args: list[str]) -> int:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
         launch_command(args)
+    except ConnectionError as e:  # accelerate: the rendezvous port is taken on the main machine
+        raise DistrnnError(f"{_first_line(e)} (pick another --main-process-port)") from None
+    except SignalException as e:  # Ctrl-C (SIGINT), SIGHUP, SIGQUIT: torchrun's agent stopped the workers
+        return 128 + int(e.sigval)
     except subprocess.CalledProcessError as e:
         return _worker_exit(0, e.returncode)
     except ChildFailedError as e:
@@ -111,6 +161,10 @@ def _worker_exit(rank: int, code: int) -> int:
               "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 128 - code
     return code
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _quiet_torchrun_agent() -> None:

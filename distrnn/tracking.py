@@ -39,6 +39,10 @@ def choose_wandb_mode() -> str | None:
     return None
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 class RunLog:
     """`resumed_id`: the W&B run id stored in the checkpoint, so a resumed run continues that run."""
 
@@ -51,6 +55,9 @@ class RunLog:
             self.path.unlink(missing_ok=True)  # a fresh start in a reused folder
         if cfg.wandb.enabled:
             self._start_wandb(cfg, run_dir, resumed_id)
+        if os.environ.get("SLURM_JOB_ID"):  # which job, and how often it was requeued
+            self.summary({"slurm/job_id": os.environ["SLURM_JOB_ID"],
+                          "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
 
     @property
     def wandb_id(self) -> str | None:
@@ -66,15 +73,29 @@ class RunLog:
         if cfg.wandb.tags:
             kwargs["tags"] = list(cfg.wandb.tags)
         try:
-            self.accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs})
-            if self.main:
-                self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
-        except Exception as e:  # W&B must never stop training
+            self._init_trackers(cfg, kwargs)
+        except Exception as e:  # no network, bad entity, expired key: W&B must never stop training
             self.accelerator.trackers = []
-            self.warn(f"W&B could not start ({type(e).__name__}: {e}); training continues without W&B")
-            return
+            if went_offline:
+                self.warn(f"W&B could not start ({type(e).__name__}: {e}); training continues without W&B")
+                return
+            self.warn(f"W&B could not start online ({type(e).__name__}: {_first_line(e)}); logging offline instead, "
+                      "upload later with `wandb sync`")
+            os.environ["WANDB_MODE"] = "offline"
+            try:
+                self._init_trackers(cfg, {**kwargs, "mode": "offline"})
+            except Exception as e2:
+                self.accelerator.trackers = []
+                self.warn(f"W&B could not start offline either ({type(e2).__name__}: {_first_line(e2)}); "
+                          "training continues without W&B")
+                return
         if went_offline:
             self.accelerator.print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)")
+
+    def _init_trackers(self, cfg: Config, kwargs: dict[str, Any]) -> None:
+        self.accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs})
+        if self.main:
+            self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
 
     def warn(self, message: str) -> None:
         self.accelerator.print(f"warning: {message}")

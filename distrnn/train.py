@@ -120,8 +120,13 @@ def train(cfg: Config) -> dict[str, Any]:
             with tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
                            initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False) as bar:
                 start, first_step, epoch_seconds = time.perf_counter(), position.step_in_epoch, 0.0
+                # Accuracy on the training batches as they are trained (no extra pass; kept on the device).
+                running_correct, running_seen = torch.zeros((), dtype=torch.int64, device=accelerator.device), 0
                 for images, labels in bar:
-                    loss = F.cross_entropy(model(images), labels)
+                    logits = model(images)
+                    loss = F.cross_entropy(logits, labels)
+                    running_correct += (logits.argmax(dim=1) == labels).sum()
+                    running_seen += labels.numel()
                     # One tiny all-reduce a step, before the update, so that every rank agrees to stop at the
                     # same step (a signal) or not to apply a non-finite loss (the model stays debuggable).
                     stop_requested, nonfinite = dist_sum(accelerator, stop.signal is not None, not torch.isfinite(loss))
@@ -162,8 +167,10 @@ def train(cfg: Config) -> dict[str, Any]:
             epoch_seconds += time.perf_counter() - start
             position.train_seconds += time.perf_counter() - start
             throughput = (position.step_in_epoch - first_step) * samples_per_step / epoch_seconds
+            correct, seen = dist_sum(accelerator, int(running_correct), running_seen)
             test = test_now(epoch + 1)
-            run_log.log({"train/epoch_samples_per_s": throughput}, position.global_step)
+            run_log.log({"train/epoch_samples_per_s": throughput, "train/running_accuracy": 100.0 * correct / max(seen, 1)},
+                        position.global_step)
             accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
                               f"({test.percent:.2f}%), {throughput:.0f} samples/s, {epoch_seconds:.1f} s")
             position.epoch, position.step_in_epoch = epoch + 1, 0
