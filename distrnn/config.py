@@ -123,7 +123,7 @@ def all_keys() -> list[str]:
 def _unknown(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(valid)
-    return ConfigError(f"unknown config key '{key}' ({hint})")
+    return ConfigError(f"unknown config key {key!r} ({hint})")
 
 
 def _type_name(tp: Any) -> str:
@@ -201,11 +201,11 @@ def _flatten(data: Any, where: str) -> dict[str, Any]:
         if section not in _sections():
             close = difflib.get_close_matches(str(section), list(_sections()), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "valid sections: " + ", ".join(_sections())
-            raise ConfigError(f"unknown config section '{section}' in {where} ({hint})")
+            raise ConfigError(f"unknown config section {section!r} in {where} ({hint})")
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section '{section}' in {where} must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"config section {section!r} in {where} must be a mapping of keys, got {values!r}")
         for name, value in values.items():
             flat[f"{section}.{name}"] = value
     return flat
@@ -229,7 +229,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override '{text}' must look like key=value, for example model.hidden_size=128")
+        raise ConfigError(f"override {text!r} must look like key=value, for example model.hidden_size=128")
     return key.strip(), value.strip()
 
 
@@ -260,7 +260,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
+    _check(value in choices, f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:

@@ -41,6 +41,13 @@ def make_accelerator(cfg: Config, project_dir: str, log_with: str | None) -> Acc
     return accelerator
 
 
+def main_print(accelerator: Accelerator) -> Callable[..., None]:
+    """`print` on the global main process only (accelerator.print prints once per node)."""
+    if accelerator.is_main_process:
+        return lambda *args: print(*args, flush=True)
+    return lambda *args: None
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> range:
     """Rank r takes samples r, r+W, r+2W, ...: disjoint, covering all n, no padding.
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from distrnn import data
 from distrnn.config import Config, build_config
-from distrnn.distributed import dist_sum, make_accelerator, teardown
+from distrnn.distributed import dist_sum, main_print, make_accelerator, teardown
 from distrnn.errors import DistrnnError, run_cli
 from distrnn.model import StackedRNN
 
@@ -116,11 +116,12 @@ def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: i
         # Evaluate in the precision the model was trained in (bf16 stays bf16; fp16 needs a GPU).
         accelerator = make_accelerator(cfg, project_dir=str(Path(checkpoint)), log_with=None)
         model = model.to(accelerator.device)
+        say = main_print(accelerator)
         for train, label in [(True, "training"), (False, "test")]:
             split = data.Split.of(data.load_mnist(cfg.data.dir, train, accelerator), limit).to(accelerator.device)
             acc = exact_accuracy(accelerator, model, split, cfg.train.eval_batch_size)
-            accelerator.print(f"Accuracy on {label} data:")
-            accelerator.print(acc.report())
+            say(f"Accuracy on {label} data:")
+            say(acc.report())
     finally:
         teardown(accelerator)
 

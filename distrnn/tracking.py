@@ -89,8 +89,9 @@ class RunLog:
                 self.warn(f"W&B could not start offline either ({type(e2).__name__}: {_first_line(e2)}); "
                           "training continues without W&B")
                 return
-        if went_offline:
-            self.accelerator.print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)")
+        if went_offline and self.main:
+            print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)",
+                  flush=True)
 
     def _init_trackers(self, cfg: Config, kwargs: dict[str, Any]) -> None:
         self.accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs})
@@ -98,7 +99,8 @@ class RunLog:
             self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
 
     def warn(self, message: str) -> None:
-        self.accelerator.print(f"warning: {message}")
+        if self.main:
+            print(f"warning: {message}", flush=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.main:

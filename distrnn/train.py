@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from tqdm import tqdm
 from distrnn import checkpoint, data, run_folder
 from distrnn.checkpoint import Position
 from distrnn.config import Config, load_config
-from distrnn.distributed import dist_mean, dist_sum, main_then_agree, make_accelerator, peer_failure, teardown
+from distrnn.distributed import (dist_mean, dist_sum, main_print, main_then_agree, make_accelerator, peer_failure,
+                                 teardown)
 from distrnn.errors import DistrnnError, run_cli
 from distrnn.evaluate import MODEL_FILE, Accuracy, exact_accuracy, save_model
 from distrnn.model import StackedRNN, count_parameters
@@ -32,6 +34,7 @@ from distrnn.tracking import RunLog
 def nonfinite_loss(accelerator, run_dir: Path, position: Position, model, loss, images, labels) -> DistrnnError:
     """Every rank whose loss is not finite saves what helps to debug it; all ranks then stop together."""
     debug_dir = run_dir / "debug"
+    loss = loss.detach()
     if not torch.isfinite(loss):
         debug_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"model": accelerator.unwrap_model(model).state_dict(), "images": images.cpu(),
@@ -57,7 +60,8 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator = run_log = None
     try:
         accelerator = make_accelerator(cfg, str(run_dir), log_with="wandb" if cfg.wandb.enabled else None)
-        accelerator.print(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
+        say = main_print(accelerator)
+        say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
                           f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
                           f"{cfg.to_yaml()}-----------------------")
         # Data first: a missing or damaged data set stops the run before anything is written.
@@ -70,13 +74,13 @@ def train(cfg: Config) -> dict[str, Any]:
         if meta:
             checkpoint.check_compatible(meta, cfg, accelerator.num_processes, resume_from)
         model = StackedRNN(cfg.model)
-        accelerator.print(f"model: {count_parameters(model):,} parameters")
+        say(f"model: {count_parameters(model):,} parameters")
         checkpoint_size = run_folder.checkpoint_bytes(count_parameters(model), accelerator.num_processes)
         main_then_agree(accelerator, lambda: (
             run_folder.check_finished_run(run_dir, cfg),
             run_folder.prepare(run_dir, cfg, needed_bytes=(cfg.checkpoint.keep + 2) * checkpoint_size + 2**20)))
         for warning in warnings:
-            accelerator.print(f"warning: {warning}")
+            say(f"warning: {warning}")
         run_log = RunLog(accelerator, cfg, run_dir, resumed_id=meta.get("wandb_run_id") if meta else None)
 
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
@@ -90,14 +94,14 @@ def train(cfg: Config) -> dict[str, Any]:
         if meta:
             accelerator.load_state(str(resume_from))
             position = Position(**meta["position"])
-            accelerator.print(f"resumed from {resume_from}: epoch {position.epoch + 1}, "
+            say(f"resumed from {resume_from}: epoch {position.epoch + 1}, "
                               f"batch {position.step_in_epoch} of {len(loader)}, step {position.global_step}")
 
         def save() -> Path:
             start = time.perf_counter()
             path = checkpoint.save(accelerator, run_dir, position, cfg, {"wandb_run_id": run_log.wandb_id},
                                    needed_bytes=checkpoint_size + 2**20)
-            accelerator.print(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+            say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
             return path
 
         def test_now(epoch_progress: float) -> Accuracy:
@@ -111,13 +115,15 @@ def train(cfg: Config) -> dict[str, Any]:
             return accuracy
 
         samples_per_step = cfg.train.batch_size * accelerator.num_processes
+        main, interactive = accelerator.is_main_process, sys.stderr.isatty()
         test = None
         while position.epoch < cfg.train.epochs:
             epoch = position.epoch
             model.train()
             # Mid-epoch resume: the same shuffled order (a function of seed and epoch), from the next unseen batch.
             batches = data.epoch_batches(accelerator, loader, epoch, position.step_in_epoch)
-            with tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not accelerator.is_main_process,
+            # A live bar in a terminal; in a log file (SLURM, CI) a plain line every log_every steps instead.
+            with tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not (main and interactive),
                            initial=position.step_in_epoch, total=len(loader), dynamic_ncols=True, leave=False) as bar:
                 start, first_step, epoch_seconds = time.perf_counter(), position.step_in_epoch, 0.0
                 # Accuracy on the training batches as they are trained (no extra pass; kept on the device).
@@ -152,6 +158,9 @@ def train(cfg: Config) -> dict[str, Any]:
                         throughput = (position.step_in_epoch - first_step) * samples_per_step / elapsed
                         mean_loss = dist_mean(accelerator, loss)
                         bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
+                        if main and not interactive:
+                            print(f"epoch {epoch + 1}/{cfg.train.epochs} step {position.global_step}: "
+                                  f"loss {mean_loss:.4f}, {throughput:.0f} samples/s", flush=True)
                         run_log.log({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
                                      "train/samples_per_s": throughput, "epoch": epoch + 1}, position.global_step)
                     every = cfg.checkpoint.every_steps
@@ -171,7 +180,7 @@ def train(cfg: Config) -> dict[str, Any]:
             test = test_now(epoch + 1)
             run_log.log({"train/epoch_samples_per_s": throughput, "train/running_accuracy": 100.0 * correct / max(seen, 1)},
                         position.global_step)
-            accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
+            say(f"epoch {epoch + 1}/{cfg.train.epochs}: test {test.correct} / {test.seen} "
                               f"({test.percent:.2f}%), {throughput:.0f} samples/s, {epoch_seconds:.1f} s")
             position.epoch, position.step_in_epoch = epoch + 1, 0
             save()
@@ -180,10 +189,10 @@ def train(cfg: Config) -> dict[str, Any]:
             test = exact_accuracy(accelerator, model, test_set, cfg.train.eval_batch_size)
         train_split = data.Split.of(train_set, cfg.data.train_samples).to(accelerator.device)
         train_acc = exact_accuracy(accelerator, model, train_split, cfg.train.eval_batch_size)
-        accelerator.print("Accuracy on training data:")
-        accelerator.print(train_acc.report())
-        accelerator.print("Accuracy on test data:")
-        accelerator.print(test.report())
+        say("Accuracy on training data:")
+        say(train_acc.report())
+        say("Accuracy on test data:")
+        say(test.report())
 
         summary = {
             "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,

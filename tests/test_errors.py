@@ -191,6 +191,7 @@ def test_finished_run_with_another_config_is_refused(tmp_path, data_dir):
 def test_nonfinite_loss_stops_every_rank_with_one_line(tmp_path, data_dir):
     out = tmp_path / "run"
     result = distrnn("train", "--mode", "cpu", "--num-processes", "2", *TINY, "--lr", "1e30",
+                     "--set", "data.train_samples=4000",
                      "--data-dir", str(data_dir), "--output-dir", str(out))
     line = error_line(result)
     assert line.startswith("distrnn.train: error: the training loss became nan at step ")
@@ -242,9 +243,15 @@ def test_wandb_without_network_falls_back_to_offline(tmp_path, data_dir):
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
 
-def test_wandb_without_api_key_logs_offline_with_one_notice(smoke_run):
-    _, result = smoke_run
-    assert result.stdout.count("wandb: no API key found, logging offline") == 1
+def test_wandb_without_api_key_logs_offline_with_one_notice(tmp_path, data_dir):
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path)}  # no key, no ~/.netrc
+    result = distrnn("train", "--mode", "cpu", *TINY[:-1], "--wandb", "--data-dir", str(data_dir),
+                     "--output-dir", str(out), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wandb: no API key found, logging offline (run `wandb login` and set "
+                               "WANDB_MODE=online to go online)") == 1
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
 
 # --- the config loader, property-based ---------------------------------------------------------

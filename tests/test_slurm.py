@@ -37,7 +37,8 @@ def slurm_env(data_dir) -> dict[str, str]:
 
 def sbatch(env: dict[str, str], *args: str, wait: bool = True, timeout: float = 600) -> tuple[int, str]:
     """Submit a job; return (exit code of `sbatch --wait`, or 0, and the job id)."""
-    cmd = ["sbatch", "--parsable", "--gres=none", *(["--wait"] if wait else []), *args]
+    # The test nodes have 2 CPUs and no GPUs: override the scripts' GPU-cluster requests.
+    cmd = ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", *(["--wait"] if wait else []), *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     job_id = result.stdout.strip().split(";")[0]
     assert job_id.isdigit(), result.stderr
