@@ -116,7 +116,7 @@ def accelerate_args(p: Plan, module: str, worker_args: list[str]) -> list[str]:
                  "--machine_rank", str(m.rank), "--main_process_ip", m.main_ip, "--main_process_port", str(m.main_port)]
     elif p.num_processes > 1:
         args += ["--num_processes", str(p.num_processes)]
-    if p.uses_cpu:
+    if p.uses_cpu and not os.environ.get("OMP_NUM_THREADS"):
         # What accelerate would pick (physical cores / processes), passed so it does not warn about it.
         args += ["--num_cpu_threads_per_process", str(max(1, (psutil.cpu_count(logical=False) or 1) // p.num_processes))]
     return args + ["-m", module, *worker_args]

@@ -216,6 +216,21 @@ def test_ctrl_c_stops_all_workers_and_returns(tmp_path, data_dir):
     assert not psutil.wait_procs(workers, timeout=10)[1], "workers left behind"
 
 
+def test_rendezvous_port_in_use_is_one_line(tmp_path, data_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = error_line(distrnn("train", "--mode", "cpu", "--num-machines", "2", "--machine-rank", "0",
+                                  "--main-process-ip", "127.0.0.1", "--main-process-port", str(port), *TINY,
+                                  "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), timeout=120))
+    assert line.startswith(f"distrnn: error: Tried to launch distributed communication on port `{port}`, but another "
+                           "process is utilizing it.")
+    assert line.endswith("(pick another --main-process-port)")
+
+
 @pytest.mark.skipif(launcher.visible_gpus() > 0, reason="checks the no-GPU messages")
 def test_more_processes_than_gpus_is_refused():
     with pytest.raises(DistrnnError, match=r"--num-processes 3 is more than the 2 visible GPU\(s\); use at most 2"):

@@ -36,6 +36,9 @@ SlurmdPort=16818
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again only once its old credential expired (default 120 s); starting it
+# earlier (scontrol update StartTime=now) failed here with "Job credential revoked".
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -76,7 +79,12 @@ start_munge() {
 }
 
 up() {
+    if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
+        echo "SLURM cluster already up (SLURM_CONF=$CONF)"
+        return
+    fi
     install
+    rm -rf "$STATE"  # a fresh cluster: no jobs left from an earlier run
     write_conf
     start_munge
     export SLURM_CONF="$CONF"
