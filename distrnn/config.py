@@ -214,7 +214,7 @@ def _flatten(data: Any, where: str) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist (configs/ has default.yaml, smoke.yaml)")
+        raise ConfigError(f"config file '{path}' does not exist; check the path (the shipped configs are in configs/)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as e:

@@ -41,8 +41,9 @@ def nonfinite_loss(accelerator, run_dir: Path, position: Position, model, loss, 
                     "labels": labels.cpu(), "loss": float(loss), "global_step": position.global_step,
                     "epoch": position.epoch + 1, "batch": position.step_in_epoch},
                    debug_dir / f"nonfinite-step-{position.global_step}-rank-{accelerator.process_index}.pt")
-    return DistrnnError(f"the training loss became {float(loss) if not torch.isfinite(loss) else 'non-finite on another rank'} "
-                        f"at step {position.global_step} (epoch {position.epoch + 1}, batch {position.step_in_epoch}); "
+    value = float(loss) if not torch.isfinite(loss) else "non-finite on another rank"
+    return DistrnnError(f"the training loss became {value} at step {position.global_step} "
+                        f"(epoch {position.epoch + 1}, batch {position.step_in_epoch}); "
                         f"model and batch saved in {debug_dir}; lower --lr or set optim.grad_clip")
 
 
@@ -62,8 +63,8 @@ def train(cfg: Config) -> dict[str, Any]:
         accelerator = make_accelerator(cfg, str(run_dir), log_with="wandb" if cfg.wandb.enabled else None)
         say = main_print(accelerator)
         say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, "
-                          f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
-                          f"{cfg.to_yaml()}-----------------------")
+            f"precision {cfg.train.precision}, run folder {run_dir}\n--- resolved config ---\n"
+            f"{cfg.to_yaml()}-----------------------")
         # Data first: a missing or damaged data set stops the run before anything is written.
         train_set = data.load_mnist(cfg.data.dir, True, accelerator)
         test_set = data.Split.of(data.load_mnist(cfg.data.dir, False, accelerator), cfg.data.test_samples)
@@ -95,7 +96,7 @@ def train(cfg: Config) -> dict[str, Any]:
             accelerator.load_state(str(resume_from))
             position = Position(**meta["position"])
             say(f"resumed from {resume_from}: epoch {position.epoch + 1}, "
-                              f"batch {position.step_in_epoch} of {len(loader)}, step {position.global_step}")
+                f"batch {position.step_in_epoch} of {len(loader)}, step {position.global_step}")
 
         def save() -> Path:
             start = time.perf_counter()
