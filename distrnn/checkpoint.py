@@ -18,7 +18,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distrnn.config import Config
+from distrnn.config import Config, flatten
 from distrnn.distributed import main_then_agree
 from distrnn.errors import DistrnnError
 from distrnn.run_folder import check_free_space
@@ -133,7 +133,7 @@ def find_resume(run_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
 
 def check_compatible(meta: dict[str, Any], cfg: Config, num_processes: int, where: Path) -> None:
     """Refuse a checkpoint of another model or data layout, naming the first difference."""
-    saved, wanted = _flat(meta["config"]), _flat(cfg.to_dict())
+    saved, wanted = flatten(meta["config"]), flatten(cfg.to_dict())
     for key in sorted(wanted):
         if key.startswith(MUST_MATCH) and saved.get(key) != wanted[key]:
             raise DistrnnError(f"checkpoint {where} has {key}={saved.get(key)} but this run asks for {key}={wanted[key]}; "
@@ -141,7 +141,3 @@ def check_compatible(meta: dict[str, Any], cfg: Config, num_processes: int, wher
     if meta["num_processes"] != num_processes:
         raise DistrnnError(f"checkpoint {where} was saved by {meta['num_processes']} process(es) and this run has "
                            f"{num_processes}; resume with --num-processes {meta['num_processes']}")
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in config.items() for k, v in section.items()}

@@ -109,6 +109,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{"model": {"cell": "rnn"}} -> {"model.cell": "rnn"}: the keys as --set spells them."""
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
 def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
@@ -193,7 +198,7 @@ def _apply(cfg: Config, key: str, value: Any, from_text: bool) -> None:
     setattr(getattr(cfg, section_name), field_name, _coerce(key, value, hints[field_name], from_text))
 
 
-def _flatten(data: Any, where: str) -> dict[str, Any]:
+def _flatten_checked(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of sections ({', '.join(_sections())}), got {type(data).__name__}")
     flat = {}
@@ -240,7 +245,7 @@ def build_config(
 ) -> Config:
     """Defaults, then `data` (a nested mapping as in YAML), then `key=value` overrides; validated."""
     cfg = Config()
-    for key, value in _flatten(data or {}, where).items():
+    for key, value in _flatten_checked(data or {}, where).items():
         _apply(cfg, key, value, from_text=False)
     for text in overrides:
         key, value = parse_override(text)

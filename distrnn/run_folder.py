@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from distrnn.config import Config
+from distrnn.config import Config, flatten
 from distrnn.errors import DistrnnError
 
 CONFIG_FILE = "config.yaml"
@@ -17,16 +16,12 @@ SUMMARY_FILE = "summary.json"
 _FREE_KEYS = ("checkpoint.resume", "data.dir", "data.num_workers", "wandb.", "train.output_dir")
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in config.items() for k, v in section.items()}
-
-
 def check_finished_run(run_dir: Path, cfg: Config) -> None:
     """A folder holding a finished run is continued only with the same config or an explicit --resume PATH."""
     saved_file = run_dir / CONFIG_FILE
     if not (run_dir / SUMMARY_FILE).is_file() or not saved_file.is_file() or cfg.checkpoint.resume != "auto":
         return
-    saved, wanted = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(cfg.to_dict())
+    saved, wanted = flatten(yaml.safe_load(saved_file.read_text()) or {}), flatten(cfg.to_dict())
     changed = [k for k in sorted(wanted) if not k.startswith(_FREE_KEYS) and saved.get(k) != wanted[k]]
     if changed:
         first = changed[0]

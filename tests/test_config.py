@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from distrnn.config import Config, all_keys, build_config, load_config
+from distrnn.config import Config, all_keys, build_config, flatten, load_config
 from distrnn.errors import ConfigError
 from tests.conftest import REPO
 
@@ -18,7 +18,7 @@ REFERENCE = {  # the seed notebook's hyperparameters
 
 
 def flat(cfg: Config) -> dict:
-    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+    return flatten(cfg.to_dict())
 
 
 @pytest.mark.parametrize("cfg", [Config(), load_config(REPO / "configs" / "default.yaml")], ids=["defaults", "default.yaml"])

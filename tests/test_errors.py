@@ -149,7 +149,7 @@ def test_full_disk_is_refused_before_training(small_disk, data_dir):
     fill(small_disk, 2 * 2**20)
     line = error_line(distrnn("train", "--mode", "cpu", *TINY, "--data-dir", str(data_dir),
                               "--output-dir", str(small_disk / "run")))
-    assert line.startswith(f"distrnn.train: error: only ")
+    assert line.startswith("distrnn.train: error: only ")
     assert line.endswith(f"MB free for run folder {small_disk}/run, about 16.9 MB needed for checkpoints; "
                          "free some space or pass another --output-dir")
 
