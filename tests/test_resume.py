@@ -47,15 +47,15 @@ def latest_meta(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     """The reference each interrupted run must match, per number of processes (trained lazily)."""
-    runs: dict[int, tuple[Path, str]] = {}
+    runs: dict[tuple[int, str], tuple[Path, str]] = {}
 
-    def get(processes: int) -> tuple[Path, str]:
-        if processes not in runs:
-            out = tmp_path_factory.mktemp(f"uninterrupted{processes}") / "run"
-            result = distrnn(*train_args(out, processes, data_dir, "--no-wandb"))
+    def get(processes: int, loader: str = "memory") -> tuple[Path, str]:
+        if (processes, loader) not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted{processes}{loader}") / "run"
+            result = distrnn(*train_args(out, processes, data_dir, "--no-wandb", "--set", f"data.loader={loader}"))
             assert result.returncode == 0, result.stderr[-3000:]
-            runs[processes] = (out, result.stdout)
-        return runs[processes]
+            runs[(processes, loader)] = (out, result.stdout)
+        return runs[(processes, loader)]
 
     return get
 
@@ -68,19 +68,21 @@ def interrupt(out: Path, processes: int, data_dir: Path, sig: signal.Signals, at
     return proc.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("processes, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM)])
+@pytest.mark.parametrize("processes, sig, loader", [(1, signal.SIGUSR1, "memory"), (2, signal.SIGUSR1, "torchvision"),
+                                                    (2, signal.SIGTERM, "memory")])
 def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, uninterrupted,
-                                                                       processes, sig):
-    reference, reference_stdout = uninterrupted(processes)
+                                                                       processes, sig, loader):
+    """Both data paths: Accelerate's sharded DataLoader (skip_first_batches) and the in-memory loader."""
+    reference, reference_stdout = uninterrupted(processes, loader)
     out = tmp_path / "run"
-    code, _, stderr = interrupt(out, processes, data_dir, sig, 4, "--wandb")
+    code, _, stderr = interrupt(out, processes, data_dir, sig, 4, "--wandb", "--set", f"data.loader={loader}")
     assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
     assert f"stopped by {sig.name}" in stderr
     meta = latest_meta(out)
     assert meta["position"]["epoch"] == 0 and 0 < meta["position"]["step_in_epoch"] < STEPS[processes]
     assert not (out / "model.pt").exists()
 
-    resumed = distrnn(*train_args(out, processes, data_dir, "--wandb"))
+    resumed = distrnn(*train_args(out, processes, data_dir, "--wandb", "--set", f"data.loader={loader}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoints/step-" in resumed.stdout
     assert_bit_identical(out, reference)
