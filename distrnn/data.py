@@ -24,7 +24,7 @@ from torchvision import datasets, transforms
 
 from distrnn.config import Config
 from distrnn.distributed import shard_indices
-from distrnn.errors import DistrnnError
+from distrnn.errors import DistrnnError, first_line
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -95,7 +95,7 @@ def load_mnist(data_dir: str, train: bool, accelerator: Accelerator) -> datasets
             except Exception as e:
                 # The last mirror's error (e.g. "Name or service not known") says more than the exception.
                 lines = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
-                reason = lines[-1] if lines else (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = lines[-1] if lines else first_line(e)
                 raise DistrnnError(
                     f"MNIST not found in {raw} (missing {', '.join(missing)}; download failed: {reason}); "
                     f"put the four uncompressed IDX files ({', '.join(RAW_FILES)}) there, or point --data-dir "

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from distrnn.config import Config
-from distrnn.errors import DistrnnError
+from distrnn.errors import DistrnnError, first_line
 
 
 def make_accelerator(cfg: Config, project_dir: str, log_with: str | None) -> Accelerator:
@@ -94,8 +94,8 @@ def peer_failure(accelerator: Accelerator | None, error: BaseException) -> Distr
     text = str(error)
     if not any(marker in text for marker in _PEER_FAILURE):
         return None
-    detail = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
-    return DistrnnError(f"rank {accelerator.process_index} lost contact with another rank ({detail}); stopping")
+    return DistrnnError(f"rank {accelerator.process_index} lost contact with another rank ({first_line(error)}); "
+                        "stopping")
 
 
 def teardown(accelerator: Accelerator | None) -> None:

@@ -21,6 +21,12 @@ class ConfigError(DistrnnError):
     exit_code = 2
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first non-empty line (or its type), short enough for a one-line message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 def debug_enabled() -> bool:
     return os.environ.get("DISTRNN_DEBUG", "") not in ("", "0", "false")
 

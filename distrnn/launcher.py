@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from distrnn.errors import DistrnnError, debug_enabled
+from distrnn.errors import DistrnnError, debug_enabled, first_line
 from distrnn.preemption import AGENT_SIGNALS, forward_to_children
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -143,7 +143,7 @@ def launch(p: Plan, module: str, worker_args: list[str]) -> int:
     try:
         launch_command(args)
     except ConnectionError as e:  # accelerate: the rendezvous port is taken on the main machine
-        raise DistrnnError(f"{_first_line(e)} (pick another --main-process-port)") from None
+        raise DistrnnError(f"{first_line(e, limit=1000)} (pick another --main-process-port)") from None
     except SignalException as e:  # Ctrl-C (SIGINT), SIGHUP, SIGQUIT: torchrun's agent stopped the workers
         return 128 + int(e.sigval)
     except subprocess.CalledProcessError as e:
@@ -161,10 +161,6 @@ def _worker_exit(rank: int, code: int) -> int:
               "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 128 - code
     return code
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _quiet_torchrun_agent() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from distrnn.config import Config
+from distrnn.errors import first_line
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,10 +38,6 @@ def choose_wandb_mode() -> str | None:
         os.environ["WANDB_MODE"] = "offline"
         return "offline"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 class RunLog:
@@ -77,16 +74,16 @@ class RunLog:
         except Exception as e:  # no network, bad entity, expired key: W&B must never stop training
             self.accelerator.trackers = []
             if went_offline:
-                self.warn(f"W&B could not start ({type(e).__name__}: {e}); training continues without W&B")
+                self.warn(f"W&B could not start ({type(e).__name__}: {first_line(e)}); training continues without W&B")
                 return
-            self.warn(f"W&B could not start online ({type(e).__name__}: {_first_line(e)}); logging offline instead, "
+            self.warn(f"W&B could not start online ({type(e).__name__}: {first_line(e)}); logging offline instead, "
                       "upload later with `wandb sync`")
             os.environ["WANDB_MODE"] = "offline"
             try:
                 self._init_trackers(cfg, {**kwargs, "mode": "offline"})
             except Exception as e2:
                 self.accelerator.trackers = []
-                self.warn(f"W&B could not start offline either ({type(e2).__name__}: {_first_line(e2)}); "
+                self.warn(f"W&B could not start offline either ({type(e2).__name__}: {first_line(e2)}); "
                           "training continues without W&B")
                 return
         if went_offline and self.main:
