@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test clean
+.PHONY: train check test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/distrnn train --config configs/default.yaml $(ARGS)
 
-# The whole suite (CPU only, real processes, real MNIST from $$DISTRNN_DATA_DIR or ./data).
+# The everyday subset (< 2 min on 2 cores): unit tests, rank logic on real gloo processes, CLI errors.
+check: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+
+# The whole suite, as CI runs it (CPU only, real processes, real MNIST from $$DISTRNN_DATA_DIR or ./data).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -v $(ARGS)
 

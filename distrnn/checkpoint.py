@@ -1,9 +1,10 @@
-"""Atomic checkpoints in the run folder, and finding the one to resume from.
+"""Atomic training checkpoints: saving, pruning, and choosing the one to resume from.
 
-Layout: RUN/checkpoints/step-00000123/ holds what `accelerator.save_state` writes (model, optimizer,
-scheduler, sampler, every rank's RNG states) plus meta.json (training position, resolved config,
-number of processes, W&B run id). A checkpoint is written as .tmp-step-*, renamed when complete,
-and only then does RUN/checkpoints/latest move; a save killed half-way leaves the previous one usable.
+A checkpoint is what `accelerator.save_state` writes (model, optimizer, scheduler, sampler, every
+rank's RNG states) plus meta.json (training position, resolved config, number of processes, W&B
+run id). It is written as .tmp-step-N and renamed when complete, so a save killed half-way leaves
+the previous checkpoint usable. The main process decides every question about the shared folder
+(which checkpoint to resume, whether one exists) and the other ranks use its answer.
 """
 
 from __future__ import annotations
@@ -18,16 +19,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distrnn.config import Config, flatten
-from distrnn.distributed import main_then_agree
+from distrnn import faults
+from distrnn.config import MATCH, Change, Config, changes_since, read_yaml
+from distrnn.distributed import agree, from_main
 from distrnn.errors import DistrnnError
-from distrnn.run_folder import check_free_space
-
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
-TMP_PREFIX = ".tmp-"
-# Keys whose change makes a checkpoint meaningless for the requested run.
-MUST_MATCH = ("model.", "train.batch_size", "data.train_samples")
+from distrnn.run_folder import CheckpointFolder, RunFolder
 
 
 @dataclass
@@ -38,22 +34,19 @@ class Position:
     step_in_epoch: int = 0  # batches of that epoch already trained
     global_step: int = 0
     train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)  # per finished epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation during training
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+def estimated_bytes(parameters: int, num_processes: int) -> int:
+    """Weights + Adam's two moments in fp32, plus each rank's RNG state (~20 KB)."""
+    return 3 * 4 * parameters + 20_000 * num_processes
 
 
-def _complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(TMP_PREFIX) and (path / META_FILE).is_file()
-
-
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(checkpoint: CheckpointFolder) -> dict[str, Any]:
     try:
-        return json.loads((path / META_FILE).read_text())
+        return json.loads(checkpoint.meta.read_text())
     except (OSError, ValueError) as e:
-        raise DistrnnError(f"checkpoint '{path}' is unreadable ({e}); pass another with --resume PATH") from None
+        raise DistrnnError(f"checkpoint '{checkpoint.path}' is unreadable ({e}); pass another with --resume PATH") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -65,79 +58,96 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(accelerator: Accelerator, run_dir: Path, position: Position, cfg: Config, extra: dict[str, Any],
+def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: dict[str, Any], keep: int,
          needed_bytes: int) -> Path:
     """Collective: every rank calls it (Accelerate saves each rank's RNG state)."""
-    root = checkpoints_dir(run_dir)
-    name = f"step-{position.global_step:08d}"
-    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
-    if final.exists():  # e.g. a step checkpoint that fell on the epoch's last step
-        return final
-    main_then_agree(accelerator, lambda: check_free_space(run_dir, needed_bytes))
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    final, tmp = folder.checkpoint(position.global_step), folder.checkpoint(position.global_step, tmp=True)
+    if from_main(accelerator, final.is_complete()):  # e.g. a stop right after a periodic save
+        return final.path
+
+    def make_room() -> None:
+        folder.check_free_space(needed_bytes)
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        tmp.path.mkdir(parents=True)
+
+    agree(accelerator, make_room, here=accelerator.is_main_process)
+    agree(accelerator, lambda: _save_state(accelerator, tmp))
+
+    def publish() -> None:
+        faults.delay_publish()
+        meta_all = {"position": asdict(position), "num_processes": accelerator.num_processes,
+                    "saved_at": time.time(), **meta}
+        _write_atomic(tmp.meta, json.dumps(meta_all, indent=2))
+        os.replace(tmp.path, final.path)
+        prune(folder, keep)
+
+    agree(accelerator, publish, here=accelerator.is_main_process)
+    return final.path
+
+
+def _save_state(accelerator: Accelerator, tmp: CheckpointFolder) -> None:
     try:
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp.path))
     except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
-        raise DistrnnError(f"could not write checkpoint {tmp} ({e.strerror or e}); the previous checkpoint is "
-                           "intact: free some space and run the same command again to resume") from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # A hook for the kill-during-save test: widens the window between writing and renaming.
-        time.sleep(float(os.environ.get("DISTRNN_TEST_SAVE_DELAY_S", "0")))
-        meta = {"position": asdict(position), "config": cfg.to_dict(), "num_processes": accelerator.num_processes,
-                "saved_at": time.time(), **extra}
-        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, name + "\n")
-        _prune(root, cfg.checkpoint.keep)
-    accelerator.wait_for_everyone()
-    return final
+        raise DistrnnError(f"could not write checkpoint {tmp.path} ({e.strerror or e}); the previous checkpoint "
+                           "is intact: free some space and run the same command again to resume") from None
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.iterdir() if _complete(p))
+def prune(folder: RunFolder, keep: int) -> None:
+    complete = [c for c in folder.all_checkpoints() if c.is_complete()]
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.path, ignore_errors=True)
 
 
-def latest(run_dir: Path) -> tuple[Path | None, list[Path]]:
+def newest(folder: RunFolder) -> tuple[CheckpointFolder | None, list[CheckpointFolder]]:
     """The newest complete checkpoint, and the incomplete ones passed over."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return None, []
-    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name.removeprefix(TMP_PREFIX))
-    incomplete = [p for p in entries if not _complete(p)]
-    complete = [p for p in entries if _complete(p)]
-    return (complete[-1] if complete else None), incomplete
+    found = folder.all_checkpoints()
+    complete = [c for c in found if c.is_complete()]
+    return (complete[-1] if complete else None), [c for c in found if not c.is_complete()]
 
 
-def find_resume(run_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
+def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None, list[str]]:
     """The checkpoint `--resume auto|never|PATH` selects, and warnings to print."""
     if resume == "never":
         return None, []
-    if resume == "auto":
-        found, skipped = latest(run_dir)
-        return found, [f"skipping incomplete checkpoint {p} (a save was interrupted)" for p in skipped]
-    path = Path(resume)
-    if _complete(path):
-        return path, []
-    found, skipped = latest(path)
-    if found is None:
+    if resume != "auto":
+        given = CheckpointFolder(Path(resume))
+        if given.is_complete():
+            return given, []
+        folder = RunFolder(resume)
+    found, skipped = newest(folder)
+    if found is None and resume != "auto":
         raise DistrnnError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/step-* folder "
                            "or a run folder that has one, or --resume never")
-    return found, [f"skipping incomplete checkpoint {p} (a save was interrupted)" for p in skipped]
+    return found, [f"skipping incomplete checkpoint {c.path} (a save was interrupted)" for c in skipped]
 
 
-def check_compatible(meta: dict[str, Any], cfg: Config, num_processes: int, where: Path) -> None:
-    """Refuse a checkpoint of another model or data layout, naming the first difference."""
-    saved, wanted = flatten(meta["config"]), flatten(cfg.to_dict())
-    for key in sorted(wanted):
-        if key.startswith(MUST_MATCH) and saved.get(key) != wanted[key]:
-            raise DistrnnError(f"checkpoint {where} has {key}={saved.get(key)} but this run asks for {key}={wanted[key]}; "
-                               "use the same config, another --output-dir, or --resume never")
-    if meta["num_processes"] != num_processes:
-        raise DistrnnError(f"checkpoint {where} was saved by {meta['num_processes']} process(es) and this run has "
-                           f"{num_processes}; resume with --num-processes {meta['num_processes']}")
+def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None, meta: dict[str, Any] | None,
+                 num_processes: int) -> list[Change]:
+    """The config changes a resume applies; the others are refused with one line naming every key.
+
+    The same table (each key's resume policy in config.py) guards a finished run in the folder.
+    """
+    finished = folder.is_finished() and cfg.checkpoint.resume == "auto"
+    if meta is None:  # nothing to resume: only a finished run's config.yaml can object
+        if not (finished and folder.config.is_file()):
+            return []
+        saved = read_yaml(folder.config)
+    else:
+        saved = meta["config"]
+    changes = changes_since(saved, cfg)
+    refused = [c for c in changes if not c.allowed(cfg)]
+    if refused and finished:
+        listed = ", ".join(f"{c.key}: {c.old} -> {c.new}" for c in refused)
+        raise DistrnnError(f"{folder.root} holds a finished run with another config ({listed}); pass another "
+                           "--output-dir, or --resume never to start over there")
+    if refused:
+        old = ", ".join(f"{c.key}={c.old}" for c in refused)
+        new = ", ".join(f"{c.key}={c.new}" for c in refused)
+        why = "; the onecycle schedule is fixed at the start" if any(c.policy != MATCH for c in refused) else ""
+        raise DistrnnError(f"checkpoint {found.path} has {old} but this run asks for {new}{why}; use the same "
+                           "config, another --output-dir, or --resume never")
+    if meta is not None and meta["num_processes"] != num_processes:
+        raise DistrnnError(f"checkpoint {found.path} was saved by {meta['num_processes']} process(es) and this run "
+                           f"has {num_processes}; resume with --num-processes {meta['num_processes']}")
+    return changes if meta is not None else []

@@ -1,7 +1,8 @@
 """One typed config: dataclass defaults, then a YAML file, then `key=value` overrides.
 
-Unknown keys, wrong types and out-of-range values raise ConfigError with one line that
-names the key and what would be valid.
+Every key is declared once, below, with its help text and its resume policy (what happens when a
+run folder is resumed or reused with another value). Unknown keys, wrong types and out-of-range
+values raise ConfigError with one line that names the key and what would be valid.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,65 +34,89 @@ MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
 
 
+# --- resume policy ------------------------------------------------------------------------------
+# What a changed value means when a run folder is resumed (or a finished run continued):
+MATCH = "must match"  # the checkpoint would mean something else: refused
+FREE = "may change"  # applied from the resume on, and printed as a change
+CONSTANT_SCHEDULE = "may change with a constant schedule"  # OneCycle fixes lr and length at the start
+
+
+def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A config key: its default, its help text and its resume policy, declared together."""
+    metadata = {"help": help, "resume": resume}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_data_dir() -> str:
+    """The one place DISTRNN_DATA_DIR is read: CI and clusters point every run at shared data."""
+    return os.environ.get("DISTRNN_DATA_DIR", "./data")
+
+
 @dataclass
 class ModelConfig:
-    cell: str = "rnn"
-    input_size: int = 28
-    hidden_size: int = 256
-    num_layers: int = 2
-    num_classes: int = 10
-    sequence_length: int = 28
-    nonlinearity: str = "tanh"
-    head: str = "all-steps"
+    cell: str = key("rnn", help="Recurrent cell: rnn, gru or lstm.", resume=MATCH)
+    input_size: int = key(28, help="Pixels per step (one image row).", resume=MATCH)
+    hidden_size: int = key(256, help="Hidden units per layer.", resume=MATCH)
+    num_layers: int = key(2, help="Stacked recurrent layers.", resume=MATCH)
+    num_classes: int = key(10, help="Output classes (MNIST digits).", resume=MATCH)
+    sequence_length: int = key(28, help="Steps per image; input_size x sequence_length must be 784.", resume=MATCH)
+    nonlinearity: str = key("tanh", help="tanh or relu (rnn cell only).", resume=MATCH)
+    head: str = key("all-steps", help="all-steps: linear over every step's output (the seed); last-step: the last.",
+                    resume=MATCH)
 
 
 @dataclass
 class DataConfig:
-    # A folder holding MNIST/raw; DISTRNN_DATA_DIR lets CI and clusters point at shared data.
-    dir: str = field(default_factory=lambda: os.environ.get("DISTRNN_DATA_DIR", "./data"))
-    # memory: uint8 tensors on the device, sliced per batch; torchvision: the seed's DataLoader + ToTensor
-    loader: str = "memory"
-    train_samples: int | None = None  # the first N training images; None means all 60000
-    test_samples: int | None = None  # the first N test images; None means all 10000
-    num_workers: int = 0
+    dir: str = key(help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data].", resume=FREE,
+                   factory=default_data_dir)
+    loader: str = key("memory", help="memory: uint8 tensors on the device, sliced per batch; torchvision: the "
+                      "seed's DataLoader + ToTensor, sharded by Accelerate.", resume=MATCH)
+    train_samples: int | None = key(None, help="Train on the first N training images; null: all 60000.", resume=MATCH)
+    test_samples: int | None = key(None, help="Evaluate on the first N test images; null: all 10000.", resume=FREE)
+    num_workers: int = key(0, help="DataLoader workers per process (torchvision loader).", resume=FREE)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # Adam; with schedule=onecycle this is the peak learning rate
-    schedule: str = "constant"
-    pct_start: float = 0.3  # onecycle: fraction of steps spent warming up
-    grad_clip: float | None = None  # max global grad norm; None disables clipping
+    lr: float = key(1e-3, help="Adam learning rate (the peak with schedule=onecycle).", resume=CONSTANT_SCHEDULE)
+    schedule: str = key("constant", help="constant or onecycle.", resume=MATCH)
+    pct_start: float = key(0.3, help="onecycle: fraction of steps spent warming up.", resume=CONSTANT_SCHEDULE)
+    grad_clip: float | None = key(None, help="Max global gradient norm; null: no clipping.", resume=FREE)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 64  # per process
-    eval_batch_size: int = 1000
-    precision: str = "no"
-    seed: int = 0
-    log_every: int = 50  # optimizer steps between loss logs
-    eval_every: int | None = None  # steps between extra test evaluations (besides each epoch end)
-    output_dir: str = "runs/default"
-    # A collective that waits longer than this (a rank died or hangs) ends the run with an error.
-    collective_timeout_s: int = 300
+    epochs: int = key(3, help="Training epochs.", resume=CONSTANT_SCHEDULE)
+    batch_size: int = key(64, help="Batch size per process.", resume=MATCH)
+    eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
+    precision: str = key("no", help="no (fp32), fp16 (GPU only) or bf16.", resume=MATCH)
+    seed: int = key(0, help="Seed for weights, shuffling and every RNG.", resume=MATCH)
+    log_every: int = key(50, help="Optimizer steps between loss logs.", resume=FREE)
+    eval_every: int | None = key(None, help="Optimizer steps between extra evaluations (besides each epoch end).",
+                                 resume=FREE)
+    output_dir: str = key("runs/default", help="The run folder.", resume=FREE)
+    collective_timeout_s: int = key(300, help="A collective waiting longer (a rank died or hangs) ends the run.",
+                                    resume=FREE)
 
 
 @dataclass
 class CheckpointConfig:
-    resume: str = "auto"  # auto: newest complete checkpoint in the run folder; never; or a PATH
-    every_steps: int | None = 500  # also at every epoch end; null: epoch ends only
-    keep: int = 3  # newest complete checkpoints kept
+    resume: str = key("auto", help="auto: newest complete checkpoint in the run folder; never; or a PATH.",
+                      resume=FREE)
+    every_steps: int | None = key(500, help="Optimizer steps between checkpoints (also at every epoch end); "
+                                  "null: epoch ends only.", resume=FREE)
+    keep: int = key(3, help="Newest complete checkpoints kept.", resume=FREE)
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    project: str = "distrnn"
-    entity: str | None = None
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    enabled: bool = key(True, help="Log to Weights & Biases (offline without an API key).", resume=FREE)
+    project: str = key("distrnn", help="W&B project.", resume=FREE)
+    entity: str | None = key(None, help="W&B entity (team or user); null: your default.", resume=FREE)
+    run_name: str | None = key(None, help="W&B run name; null: the run folder's name.", resume=FREE)
+    tags: list[str] = key(help="W&B tags.", resume=FREE, factory=list)
 
 
 @dataclass
@@ -108,27 +134,55 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:
     """{"model": {"cell": "rnn"}} -> {"model.cell": "rnn"}: the keys as --set spells them."""
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+    return {f"{section}.{name}": value for section, values in config.items() for name, value in values.items()}
 
 
 def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
+def key_fields() -> dict[str, dataclasses.Field]:
+    """Every config key as --set spells it, with its dataclass field (help text and resume policy)."""
+    return {f"{name}.{f.name}": f for name, section in _sections().items() for f in dataclasses.fields(section)}
+
+
 def all_keys() -> list[str]:
-    keys = []
-    for name, section in _sections().items():
-        keys += [f"{name}.{f.name}" for f in dataclasses.fields(section)]
-    return keys
+    return list(key_fields())
 
 
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+# --- shipped configs ----------------------------------------------------------------------------
+
+def shipped_configs() -> dict[str, Path]:
+    """configs/*.yaml, installed with the package: `--config fast` names configs/fast.yaml."""
+    folder = resources.files("distrnn.configs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path that exists, else the shipped config of that name (`fast` or `fast.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(f"config file '{name}' does not exist; check the path, or name a shipped config "
+                      f"({', '.join(sorted(shipped))})")
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+def _unknown(name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(valid)
-    return ConfigError(f"unknown config key {key!r} ({hint})")
+    return ConfigError(f"unknown config key {name!r} ({hint})")
 
 
 def _type_name(tp: Any) -> str:
@@ -140,21 +194,21 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
-def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
+def _coerce(name: str, value: Any, tp: Any, from_text: bool) -> Any:
     """Check `value` against the annotation `tp`; text from the command line is parsed first."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (from_text and str(value).lower() in ("null", "none")):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(key, value, inner, from_text)
-    wrong = ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return _coerce(name, value, inner, from_text)
+    wrong = ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
         if from_text and isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise wrong
-        return [_coerce(key, v, typing.get_args(tp)[0], from_text) for v in value]
+        return [_coerce(name, v, typing.get_args(tp)[0], from_text) for v in value]
     if tp is bool:
         if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -187,15 +241,15 @@ def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
     raise AssertionError(f"unsupported config type {tp}")
 
 
-def _apply(cfg: Config, key: str, value: Any, from_text: bool) -> None:
-    section_name, _, field_name = key.partition(".")
+def _apply(cfg: Config, name: str, value: Any, from_text: bool) -> None:
+    section_name, _, field_name = name.partition(".")
     sections = _sections()
     if section_name not in sections or not field_name:
-        raise _unknown(key, all_keys())
+        raise _unknown(name, all_keys())
     hints = typing.get_type_hints(sections[section_name])
     if field_name not in hints:
-        raise _unknown(key, all_keys())
-    setattr(getattr(cfg, section_name), field_name, _coerce(key, value, hints[field_name], from_text))
+        raise _unknown(name, all_keys())
+    setattr(getattr(cfg, section_name), field_name, _coerce(name, value, hints[field_name], from_text))
 
 
 def _flatten_checked(data: Any, where: str) -> dict[str, Any]:
@@ -218,8 +272,6 @@ def _flatten_checked(data: Any, where: str) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; check the path (the shipped configs are in configs/)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as e:
@@ -228,14 +280,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}'{line} is not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror or e})") from None
     return data if data is not None else {}
 
 
 def parse_override(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
         raise ConfigError(f"override {text!r} must look like key=value, for example model.hidden_size=128")
-    return key.strip(), value.strip()
+    return name.strip(), value.strip()
 
 
 def build_config(
@@ -245,27 +299,30 @@ def build_config(
 ) -> Config:
     """Defaults, then `data` (a nested mapping as in YAML), then `key=value` overrides; validated."""
     cfg = Config()
-    for key, value in _flatten_checked(data or {}, where).items():
-        _apply(cfg, key, value, from_text=False)
+    for name, value in _flatten_checked(data or {}, where).items():
+        _apply(cfg, name, value, from_text=False)
     for text in overrides:
-        key, value = parse_override(text)
-        _apply(cfg, key, value, from_text=True)
+        name, value = parse_override(text)
+        _apply(cfg, name, value, from_text=True)
     validate(cfg)
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data = read_yaml(path) if path is not None else {}
+    """`path` is a YAML file or the name of a shipped config (`fast`); None: the defaults."""
+    data = read_yaml(resolve_config_path(path)) if path is not None else {}
     return build_config(data, overrides, where=f"'{path}'" if path else "config")
 
+
+# --- validation ---------------------------------------------------------------------------------
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"config key '{name}' must be one of {', '.join(choices)}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -276,7 +333,7 @@ def validate(cfg: Config) -> None:
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("data.loader", d.loader, LOADERS)
-    for key, value in [
+    for name, value in [
         ("model.input_size", m.input_size),
         ("model.hidden_size", m.hidden_size),
         ("model.num_layers", m.num_layers),
@@ -288,7 +345,7 @@ def validate(cfg: Config) -> None:
         ("train.collective_timeout_s", t.collective_timeout_s),
         ("checkpoint.keep", cfg.checkpoint.keep),
     ]:
-        _check(value > 0, f"config key '{key}' must be > 0, got {value}")
+        _check(value > 0, f"config key '{name}' must be > 0, got {value}")
     _check(
         m.input_size * m.sequence_length == MNIST_PIXELS,
         f"model.input_size x model.sequence_length must be {MNIST_PIXELS} (one 28x28 MNIST image), "
@@ -304,14 +361,39 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip is None or o.grad_clip > 0, f"config key 'optim.grad_clip' must be > 0 or null, got {o.grad_clip}")
     _check(t.seed >= 0, f"config key 'train.seed' must be >= 0, got {t.seed}")
     _check(d.num_workers >= 0, f"config key 'data.num_workers' must be >= 0, got {d.num_workers}")
-    for key, value, limit in [
+    for name, value, limit in [
         ("data.train_samples", d.train_samples, MNIST_TRAIN_SIZE),
         ("data.test_samples", d.test_samples, MNIST_TEST_SIZE),
     ]:
-        _check(value is None or 0 < value <= limit, f"config key '{key}' must be null or 1..{limit}, got {value}")
+        _check(value is None or 0 < value <= limit, f"config key '{name}' must be null or 1..{limit}, got {value}")
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
     _check(t.eval_every is None or t.eval_every > 0, f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
     every = cfg.checkpoint.every_steps
     _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")
+
+
+# --- resume: one table, used by the resume check and the finished-run guard ---------------------
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+    policy: str
+
+    def allowed(self, cfg: Config) -> bool:
+        if self.policy == FREE:
+            return True
+        return self.policy == CONSTANT_SCHEDULE and cfg.optim.schedule == "constant"
+
+
+def changes_since(saved: dict[str, Any], cfg: Config) -> list[Change]:
+    """Every key whose value differs from the saved (nested) config, with its policy.
+
+    A key the saved config lacks (saved by an older distrnn) counts as its default.
+    """
+    old, fields = {**Config().flat(), **flatten(saved)}, key_fields()
+    return [Change(name, old.get(name), value, fields[name].metadata["resume"])
+            for name, value in cfg.flat().items() if old.get(name) != value]

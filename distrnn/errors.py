@@ -1,11 +1,17 @@
 """User-facing errors: one exception type, printed by every entry point as one line.
 
+Who prints: an error is printed once, by the rank that had it, naming the rank when it is not the
+main one (`distrnn.train: error on rank 1 (node n2): ...`). Errors that every rank raises by
+construction (`shared`: config errors, an agreed stop) are printed by rank 0 only; `Quiet` is
+raised by ranks that stop because another rank failed and already printed why.
+
 Set DISTRNN_DEBUG=1 (or pass --debug to `distrnn`) to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import click
@@ -15,10 +21,20 @@ class DistrnnError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
 
     exit_code = 1
+    shared = False  # raised identically on every rank: printed by rank 0 only
 
 
 class ConfigError(DistrnnError):
     exit_code = 2
+    shared = True
+
+
+class Quiet(DistrnnError):
+    """This rank stops because another rank failed; that rank prints the reason."""
+
+    def __init__(self, exit_code: int = 1):
+        super().__init__("")
+        self.exit_code = exit_code
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -31,6 +47,23 @@ def debug_enabled() -> bool:
     return os.environ.get("DISTRNN_DEBUG", "") not in ("", "0", "false")
 
 
+def this_rank() -> int:
+    """The global rank set by the launcher (torchrun); 0 in a single process."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def where() -> str:
+    """'' on rank 0; ' on rank R (node H)' elsewhere, so a multi-node log says who failed."""
+    rank = this_rank()
+    return "" if rank == 0 else f" on rank {rank} (node {socket.gethostname().split('.')[0]})"
+
+
+def print_error(prog: str, error: DistrnnError) -> None:
+    if isinstance(error, Quiet) or (error.shared and this_rank() != 0):
+        return
+    click.echo(f"{prog}: error{where()}: {error}", err=True)
+
+
 def run_cli(command: click.Command, prog: str, args: list[str] | None = None) -> None:
     """Run a Click command; bad input ends in one line on stderr and a non-zero exit, no traceback."""
     try:
@@ -41,16 +74,15 @@ def run_cli(command: click.Command, prog: str, args: list[str] | None = None) ->
         if debug_enabled():
             raise
         ctx = getattr(e, "ctx", None)
-        click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)", err=True)
+        if this_rank() == 0:  # every rank parses the same command line
+            click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)", err=True)
         sys.exit(e.exit_code)
     except click.Abort:
         sys.exit(130)
     except DistrnnError as e:
-        if debug_enabled():
+        if debug_enabled() and not isinstance(e, Quiet):
             raise
-        # Every rank of a run raises the same error; one copy is enough.
-        if os.environ.get("RANK", "0") == "0":
-            click.echo(f"{prog}: error: {e}", err=True)
+        print_error(prog, e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

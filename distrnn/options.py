@@ -1,17 +1,20 @@
-"""The config flags shared by `distrnn train` and the worker `python -m distrnn.train`.
+"""Command-line options declared once, shared by `distrnn` and the workers it starts.
 
-Typed flags are shorthands for `--set key=value`; both feed the one typed config.
+`distrnn train` and `python -m distrnn.train` take the config options; `distrnn evaluate` and
+`python -m distrnn.evaluate` take the evaluate options. The launcher forwards what it parsed to
+the worker with `to_args`, so the two hops can never disagree on a flag or its help text.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from distrnn.config import PRECISIONS
 
-# flag name -> config key
+# flag name -> config key: typed flags are shorthands for --set KEY=VALUE
 TYPED_FLAGS = {
     "data_dir": "data.dir",
     "output_dir": "train.output_dir",
@@ -24,37 +27,68 @@ TYPED_FLAGS = {
     "resume": "checkpoint.resume",
 }
 
-_OPTIONS = [
-    click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                 help="YAML config (see configs/); defaults apply to keys it leaves out."),
-    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+CONFIG_OPTIONS = [
+    click.Option(["--config", "config_file"], default=None,
+                 help="YAML config file, or the name of a shipped one (default, fast, smoke); defaults apply to "
+                      "keys it leaves out."),
+    click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
                  help="Override any config key, e.g. --set model.cell=gru (repeatable; wins over the file)."),
-    click.option("--data-dir", default=None, help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data]."),
-    click.option("--output-dir", default=None, help="Run folder: config, metrics, model, W&B run."),
-    click.option("--wandb/--no-wandb", default=None, help="Log to Weights & Biases (offline without an API key)."),
-    click.option("--seed", type=int, default=None, help="Seed for weights, shuffling and every RNG."),
-    click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+    click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data]."),
+    click.Option(["--output-dir"], default=None, help="Run folder: config, metrics, model, W&B run."),
+    click.Option(["--wandb/--no-wandb"], default=None, help="Log to Weights & Biases (offline without an API key)."),
+    click.Option(["--seed"], type=int, default=None, help="Seed for weights, shuffling and every RNG."),
+    click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None,
                  help="Mixed precision; fp16 needs a GPU, bf16 works on CPU too."),
-    click.option("--epochs", type=int, default=None, help="Training epochs."),
-    click.option("--batch-size", type=int, default=None, help="Batch size per process."),
-    click.option("--lr", type=float, default=None, help="Adam learning rate (peak, with optim.schedule=onecycle)."),
-    click.option("--resume", default=None, metavar="auto|never|PATH",
+    click.Option(["--epochs"], type=int, default=None, help="Training epochs."),
+    click.Option(["--batch-size"], type=int, default=None, help="Batch size per process."),
+    click.Option(["--lr"], type=float, default=None, help="Adam learning rate (peak, with optim.schedule=onecycle)."),
+    click.Option(["--resume"], default=None, metavar="auto|never|PATH",
                  help="auto: continue from the newest complete checkpoint in the run folder [default]; "
                       "never: start fresh; PATH: a checkpoint or run folder."),
 ]
 
+EVALUATE_OPTIONS = [
+    click.Option(["--checkpoint"], required=True,
+                 help="A run folder (holding model.pt), a model.pt file, or a checkpoints/step-* folder."),
+    click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: the one stored with the model]."),
+    click.Option(["--batch-size"], type=click.IntRange(min=1), default=None, help="Evaluation batch size per process."),
+    click.Option(["--limit"], type=click.IntRange(min=1), default=None, help="Only the first N images of each split."),
+]
 
-def config_options(command: Callable) -> Callable:
-    for option in reversed(_OPTIONS):
-        command = option(command)
-    return command
+
+def with_options(options: list[click.Option]) -> Callable[[click.Command], click.Command]:
+    """Add `options` to a Click command (a decorator placed above @click.command)."""
+    def add(command: click.Command) -> click.Command:
+        command.params.extend(options)
+        return command
+
+    return add
+
+
+def to_args(options: list[click.Option], params: dict[str, Any]) -> list[str]:
+    """The command line that gives a worker the same values for `options` (what the user set)."""
+    args: list[str] = []
+    for option in options:
+        value = params.get(option.name)
+        if value is None or value == ():
+            continue
+        if option.is_bool_flag and option.secondary_opts:
+            args.append(option.opts[0] if value else option.secondary_opts[0])
+        else:
+            for item in value if option.multiple else [value]:
+                args += [option.opts[0], str(item)]
+    return args
 
 
 def overrides_from(params: dict[str, Any]) -> list[str]:
     """Typed flags first, then --set, so an explicit --set wins."""
     overrides = []
-    for flag, key in TYPED_FLAGS.items():
+    for flag, name in TYPED_FLAGS.items():
         value = params.get(flag)
         if value is not None:
-            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+            overrides.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
     return overrides + list(params.get("overrides") or ())
+
+
+def config_options(command: click.Command) -> click.Command:
+    return with_options(CONFIG_OPTIONS)(command)

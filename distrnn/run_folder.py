@@ -1,57 +1,120 @@
-"""The run folder: checked before training starts, so that no run dies late for a cause known early."""
+"""The run folder: every path in it, and the checks made before a run writes to it.
+
+    RUN/config.yaml          the resolved config
+    RUN/metrics.jsonl        every logged metric, one JSON object a line
+    RUN/model.pt             final weights + config (what `distrnn evaluate` reads)
+    RUN/summary.json         final counts, accuracy, time; its presence means "finished"
+    RUN/checkpoints/step-N/  accelerate's save_state + meta.json; .tmp-step-N while being written
+    RUN/debug/               what a non-finite loss left behind
+    RUN/wandb/               W&B's own folder (offline runs)
+
+Other modules ask this one for paths; no file name is spelled anywhere else.
+"""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from distrnn.config import Config, flatten
 from distrnn.errors import DistrnnError
 
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-# Keys that may differ between a finished run and a new request for the same folder.
-_FREE_KEYS = ("checkpoint.resume", "data.dir", "data.num_workers", "wandb.", "train.output_dir")
+CHECKPOINT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
 
 
-def check_finished_run(run_dir: Path, cfg: Config) -> None:
-    """A folder holding a finished run is continued only with the same config or an explicit --resume PATH."""
-    saved_file = run_dir / CONFIG_FILE
-    if not (run_dir / SUMMARY_FILE).is_file() or not saved_file.is_file() or cfg.checkpoint.resume != "auto":
-        return
-    saved, wanted = flatten(yaml.safe_load(saved_file.read_text()) or {}), flatten(cfg.to_dict())
-    changed = [k for k in sorted(wanted) if not k.startswith(_FREE_KEYS) and saved.get(k) != wanted[k]]
-    if changed:
-        first = changed[0]
-        raise DistrnnError(
-            f"{run_dir} holds a finished run with another config ({first}: {saved.get(first)} -> {wanted[first]}"
-            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); pass another --output-dir, "
-            f"--resume never to start over there, or --resume {run_dir} to continue that run"
-        )
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """One checkpoint: what accelerate's save_state writes, plus meta.json."""
+
+    path: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"  # accelerate's SAFE_WEIGHTS_NAME (tested)
+
+    @property
+    def step(self) -> int:
+        return int(self.path.name.removeprefix(TMP_PREFIX).removeprefix(CHECKPOINT_PREFIX))
+
+    def is_complete(self) -> bool:
+        """Renamed from .tmp-* (so every rank finished writing) and holding its meta.json."""
+        return not self.path.name.startswith(TMP_PREFIX) and self.meta.is_file()
 
 
-def prepare(run_dir: Path, cfg: Config, needed_bytes: int) -> None:
-    """Create the folder, prove it writable, check free space, and save the resolved config."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise DistrnnError(f"cannot write to run folder {run_dir} ({e.strerror}); pass a writable --output-dir") from None
-    check_free_space(run_dir, needed_bytes)
-    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
 
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
 
-def check_free_space(run_dir: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise DistrnnError(f"only {free / 2**20:.1f} MB free for run folder {run_dir}, about {needed_bytes / 2**20:.1f} MB "
-                           "needed for checkpoints; free some space or pass another --output-dir")
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
 
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
 
-def checkpoint_bytes(parameters: int, num_processes: int) -> int:
-    """Weights + Adam's two moments in fp32, plus each rank's RNG state (~20 KB)."""
-    return 3 * 4 * parameters + 20_000 * num_processes
+    @property
+    def model(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def debug(self) -> Path:
+        return self.root / "debug"
+
+    @property
+    def trackers(self) -> Path:
+        """Where W&B makes its own wandb/ folder."""
+        return self.root
+
+    def checkpoint(self, step: int, tmp: bool = False) -> CheckpointFolder:
+        name = f"{CHECKPOINT_PREFIX}{step:08d}"
+        return CheckpointFolder(self.checkpoints / (TMP_PREFIX + name if tmp else name))
+
+    def all_checkpoints(self) -> list[CheckpointFolder]:
+        """Complete and incomplete checkpoints, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [CheckpointFolder(p) for p in self.checkpoints.iterdir()
+                 if p.is_dir() and p.name.removeprefix(TMP_PREFIX).startswith(CHECKPOINT_PREFIX)]
+        return sorted(found, key=lambda c: (c.step, c.is_complete()))
+
+    def debug_file(self, step: int, rank: int) -> Path:
+        return self.debug / f"nonfinite-step-{step}-rank-{rank}.pt"
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
+
+    def prepare(self, config_yaml: str, needed_bytes: int) -> None:
+        """Create the folder, prove it writable, check free space, and save the resolved config."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as e:
+            raise DistrnnError(f"cannot write to run folder {self.root} ({e.strerror}); pass a writable --output-dir") from None
+        self.check_free_space(needed_bytes)
+        self.config.write_text(config_yaml)
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free < needed_bytes:
+            raise DistrnnError(f"only {free / 2**20:.1f} MB free for run folder {self.root}, about "
+                               f"{needed_bytes / 2**20:.1f} MB needed for checkpoints; free some space or pass another "
+                               "--output-dir")

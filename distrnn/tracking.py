@@ -10,15 +10,13 @@ import json
 import netrc
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from distrnn.config import Config
+from distrnn.config import WandbConfig
 from distrnn.errors import first_line
-
-METRICS_FILE = "metrics.jsonl"
+from distrnn.run_folder import RunFolder
 
 
 def has_wandb_key() -> bool:
@@ -43,15 +41,16 @@ def choose_wandb_mode() -> str | None:
 class RunLog:
     """`resumed_id`: the W&B run id stored in the checkpoint, so a resumed run continues that run."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_id: str | None = None):
+    def __init__(self, accelerator: Accelerator, folder: RunFolder, wandb: WandbConfig, config: dict[str, Any],
+                 resumed_id: str | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.path = run_dir / METRICS_FILE
+        self.path = folder.metrics
         self.wandb_run = None
         if self.main and resumed_id is None:
             self.path.unlink(missing_ok=True)  # a fresh start in a reused folder
-        if cfg.wandb.enabled:
-            self._start_wandb(cfg, run_dir, resumed_id)
+        if wandb.enabled:
+            self._start_wandb(wandb, folder, config, resumed_id)
         if os.environ.get("SLURM_JOB_ID"):  # which job, and how often it was requeued
             self.summary({"slurm/job_id": os.environ["SLURM_JOB_ID"],
                           "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
@@ -60,17 +59,24 @@ class RunLog:
     def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
 
-    def _start_wandb(self, cfg: Config, run_dir: Path, resumed_id: str | None) -> None:
+    def _start_wandb(self, wandb: WandbConfig, folder: RunFolder, config: dict[str, Any],
+                     resumed_id: str | None) -> None:
         went_offline = choose_wandb_mode() == "offline"
-        kwargs: dict[str, Any] = {"dir": str(run_dir), "name": cfg.wandb.run_name or run_dir.name}
+        kwargs: dict[str, Any] = {"dir": str(folder.trackers), "name": wandb.run_name or folder.root.name}
         if resumed_id:
             kwargs.update(id=resumed_id, resume="allow")
-        if cfg.wandb.entity:
-            kwargs["entity"] = cfg.wandb.entity
-        if cfg.wandb.tags:
-            kwargs["tags"] = list(cfg.wandb.tags)
+        if wandb.entity:
+            kwargs["entity"] = wandb.entity
+        if wandb.tags:
+            kwargs["tags"] = list(wandb.tags)
+
+        def init(init_kwargs: dict[str, Any]) -> None:
+            self.accelerator.init_trackers(wandb.project, config=config, init_kwargs={"wandb": init_kwargs})
+            if self.main:
+                self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
+
         try:
-            self._init_trackers(cfg, kwargs)
+            init(kwargs)
         except Exception as e:  # no network, bad entity, expired key: W&B must never stop training
             self.accelerator.trackers = []
             if went_offline:
@@ -80,7 +86,7 @@ class RunLog:
                       "upload later with `wandb sync`")
             os.environ["WANDB_MODE"] = "offline"
             try:
-                self._init_trackers(cfg, {**kwargs, "mode": "offline"})
+                init({**kwargs, "mode": "offline"})
             except Exception as e2:
                 self.accelerator.trackers = []
                 self.warn(f"W&B could not start offline either ({type(e2).__name__}: {first_line(e2)}); "
@@ -89,11 +95,6 @@ class RunLog:
         if went_offline and self.main:
             print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)",
                   flush=True)
-
-    def _init_trackers(self, cfg: Config, kwargs: dict[str, Any]) -> None:
-        self.accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs})
-        if self.main:
-            self.wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
 
     def warn(self, message: str) -> None:
         if self.main:

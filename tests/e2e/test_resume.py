@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from distrnn.preemption import REQUEUE_EXIT_CODE
-from tests.conftest import BIN, counts, distrnn, start_distrnn, wait_for_step
+from tests.helpers import BIN, counts, distrnn, newest_checkpoint, start_distrnn, wait_for_step
 
 # Two epochs of 4000 images: 63 steps an epoch with 1 process, 32 with 2; a checkpoint every 10 steps.
 STEPS = {1: 63, 2: 32}
-RUN = ["--config", "configs/smoke.yaml", "--set", "data.train_samples=4000", "--set", "data.test_samples=2000",
+RUN = ["--config", "smoke", "--set", "data.train_samples=4000", "--set", "data.test_samples=2000",
        "--set", "train.epochs=2", "--set", "train.log_every=2", "--set", "checkpoint.every_steps=10",
        "--set", "train.collective_timeout_s=20"]
+
+pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, processes: int, data_dir: Path, *extra: str) -> list[str]:
@@ -40,8 +42,7 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 
 
 def latest_meta(run_dir: Path) -> dict:
-    name = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return json.loads((run_dir / "checkpoints" / name / "meta.json").read_text())
+    return json.loads((newest_checkpoint(run_dir) / "meta.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +109,14 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, unin
     good = latest_meta(out)["position"]["global_step"]
 
     # Resume with a save that takes 60 s, and kill the whole job while it is writing.
-    proc = start_distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_TEST_SAVE_DELAY_S": "60"})
+    proc = start_distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_FAULTS": "publish-delay=60"})
     deadline = time.monotonic() + 120
     while not list((out / "checkpoints").glob(".tmp-step-*/model.safetensors")):
         assert proc.poll() is None and time.monotonic() < deadline, "no save started"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert latest_meta(out)["position"]["global_step"] == good  # 'latest' did not move
+    assert latest_meta(out)["position"]["global_step"] == good  # the torn save is not taken for complete
 
     resumed = distrnn(*train_args(out, 1, data_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -154,7 +155,7 @@ def test_checkpoint_rebuilds_its_model_and_refuses_another(tmp_path, data_dir):
     code, _, _ = interrupt(out, 1, data_dir, signal.SIGUSR1, 4, "--set", "model.hidden_size=64",
                            "--set", "model.cell=gru")
     assert code == REQUEUE_EXIT_CODE
-    checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    checkpoint = newest_checkpoint(out)
 
     # evaluate needs no model flags: the config stored with the checkpoint rebuilds the GRU
     result = distrnn("evaluate", "--checkpoint", str(checkpoint), "--mode", "cpu",

@@ -5,14 +5,18 @@ The seed notebook reached 97.48% test; about 2 minutes here on 2 cores.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
-from tests.conftest import counts, distrnn
+from tests.helpers import counts, distrnn
+
+pytestmark = pytest.mark.slow
 
 
 def test_default_config_reaches_the_seed_accuracy(tmp_path, data_dir):
     out = tmp_path / "reference"
-    result = distrnn("train", "--mode", "cpu", "--config", "configs/default.yaml", "--data-dir", str(data_dir),
+    result = distrnn("train", "--mode", "cpu", "--config", "default", "--data-dir", str(data_dir),
                      "--output-dir", str(out), "--no-wandb", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

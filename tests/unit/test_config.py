@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from distrnn.config import Config, all_keys, build_config, flatten, load_config
+from distrnn.config import (CONSTANT_SCHEDULE, FREE, MATCH, Config, all_keys, build_config, changes_since, flatten,
+                            key_fields, load_config)
 from distrnn.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 REFERENCE = {  # the seed notebook's hyperparameters
     "model.cell": "rnn", "model.input_size": 28, "model.hidden_size": 256, "model.num_layers": 2,
@@ -27,7 +29,7 @@ def test_defaults_and_default_yaml_are_the_reference(cfg):
     assert {k: values[k] for k in REFERENCE} == REFERENCE
 
 
-def test_data_dir_default_comes_from_environment(monkeypatch):
+def test_data_dir_default_comes_from_environment(monkeypatch):  # the one place it is read
     monkeypatch.setenv("DISTRNN_DATA_DIR", "/somewhere/mnist")
     assert Config().data.dir == "/somewhere/mnist"
     monkeypatch.delenv("DISTRNN_DATA_DIR")
@@ -113,13 +115,105 @@ def test_resolved_config_round_trips_through_yaml():
     assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
-def test_every_key_is_reachable_by_override():
-    cfg = Config()
-    for key in all_keys():
-        section, name = key.split(".")
-        assert dataclasses.is_dataclass(getattr(cfg, section)) and hasattr(getattr(cfg, section), name)
+def test_every_key_round_trips_through_override_text_and_yaml():
+    """Each key's own default, written as a user would on the command line, parses back to itself."""
+    defaults = Config().flat()
+    for name, value in defaults.items():
+        text = "null" if value is None else ",".join(value) if isinstance(value, list) else str(value)
+        if name == "wandb.tags":
+            continue  # [] has no text form: "--set wandb.tags=" means []
+        assert build_config(overrides=[f"{name}={text}"]).flat()[name] == value, name
+    assert build_config(overrides=["wandb.tags="]).wandb.tags == []
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
-def test_shipped_configs_load(name):
-    load_config(REPO / "configs" / name)
+def test_every_key_has_help_and_a_resume_policy():
+    for name, f in key_fields().items():
+        assert f.metadata.get("help"), f"{name} has no help text"
+        assert f.metadata.get("resume") in (MATCH, FREE, CONSTANT_SCHEDULE), f"{name} has no resume policy"
+
+
+def test_every_key_is_in_the_readme_table():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in all_keys() if f"`{name}`" not in readme and f"`{name.split('.')[0]}.{{" not in readme]
+    assert not missing, f"README's config table lacks {missing}"
+
+
+@pytest.mark.parametrize("name", ["default", "fast", "smoke"])
+def test_shipped_configs_load_by_name_and_by_path(name):
+    by_name, by_path = load_config(name), load_config(REPO / "configs" / f"{name}.yaml")
+    assert by_name == by_path
+    assert by_name.model.hidden_size == 256 and by_name.model.cell == "rnn"  # the reference architecture
+    assert by_name.train.output_dir == f"runs/{name}"
+
+
+def test_shipped_configs_differ_where_they_say():
+    fast, smoke = load_config("fast"), load_config("smoke")
+    assert (fast.train.batch_size, fast.train.precision, fast.optim.schedule) == (512, "bf16", "onecycle")
+    assert (smoke.data.train_samples, smoke.train.epochs) == (10_000, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, changed, allowed",
+    [
+        (["optim.lr=0.005"], ["optim.lr"], True),  # constant schedule: applied from the resume on
+        (["train.epochs=5"], ["train.epochs"], True),
+        (["optim.schedule=onecycle", "optim.lr=0.005"], ["optim.lr", "optim.schedule"], False),
+        (["model.hidden_size=128"], ["model.hidden_size"], False),
+        (["train.batch_size=32"], ["train.batch_size"], False),
+        (["wandb.project=x", "train.log_every=7", "data.dir=/elsewhere"], ["data.dir", "train.log_every",
+                                                                           "wandb.project"], True),
+    ],
+)
+def test_resume_policy_table(overrides, changed, allowed):
+    saved = Config().to_dict()
+    cfg = build_config(overrides=overrides)
+    changes = changes_since(saved, cfg)
+    assert sorted(c.key for c in changes) == changed
+    assert all(c.allowed(cfg) for c in changes) == allowed
+
+
+def test_onecycle_fixes_lr_and_epochs_at_the_start():
+    saved = build_config(overrides=["optim.schedule=onecycle"]).to_dict()
+    for override in ["optim.lr=0.005", "train.epochs=5", "optim.pct_start=0.2"]:
+        cfg = build_config(overrides=["optim.schedule=onecycle", override])
+        [change] = changes_since(saved, cfg)
+        assert change.policy == CONSTANT_SCHEDULE and not change.allowed(cfg)
+
+
+def test_a_key_missing_from_an_older_saved_config_counts_as_its_default():
+    saved = Config().to_dict()
+    del saved["optim"]["grad_clip"]
+    assert changes_since(saved, Config()) == []
+
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(max_size=8), st.sampled_from(["rnn", "gru", "lstm", "bf16", "fp16", "memory", "auto", "1e-3"]),
+                   st.lists(st.text(max_size=4), max_size=3))
+KEYS = st.one_of(st.sampled_from(all_keys()), st.text(min_size=1, max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(KEYS, VALUES, max_size=6))
+def test_config_loader_accepts_or_rejects_cleanly(flat):
+    nested: dict = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})
+        if isinstance(nested[section], dict):
+            nested[section][name or key] = value
+    try:
+        cfg = build_config(nested)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert cfg.train.batch_size > 0 and cfg.model.cell in ("rnn", "gru", "lstm")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(KEYS, st.text(max_size=10)), max_size=5))
+def test_override_parser_accepts_or_rejects_cleanly(pairs):
+    try:
+        build_config(overrides=[f"{k}={v}" for k, v in pairs])
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)

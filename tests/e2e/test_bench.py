@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
-from tests.conftest import BIN, run
+from tests.helpers import BIN, run
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark_writes_json_table_and_plot(tmp_path, data_dir):

@@ -6,17 +6,14 @@ import pytest
 
 from distrnn import launcher
 from distrnn.errors import DistrnnError
-from tests.conftest import BIN, distrnn, run
+from tests.helpers import BIN, distrnn, one_line_error, run
 
 
-def one_line_error(result, expected: str, code: int | None = None) -> None:
-    assert result.returncode != 0
+def expect_one_line(result, expected: str, code: int | None = None) -> None:
+    line = one_line_error(result)
     if code is not None:
         assert result.returncode == code
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert expected in lines[0], lines[0]
+    assert expected in line, line
 
 
 @pytest.mark.parametrize(
@@ -30,7 +27,8 @@ def one_line_error(result, expected: str, code: int | None = None) -> None:
         (["train", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),
         (["train", "--set", "model.cell=cnn"], "config key 'model.cell' must be one of rnn, gru, lstm, got 'cnn'", 2),
         (["train", "--set", "model.head=first"], "config key 'model.head' must be one of all-steps, last-step", 2),
-        (["train", "--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist", 2),
+        (["train", "--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist; check the "
+         "path, or name a shipped config (default, fast, smoke)", 2),
         (["train", "--mode", "cpu", "--precision", "fp16"], "precision fp16 needs a GPU; on CPU use --precision bf16", 1),
         (["train", "--mode", "cpu", "--num-processes", "0"], "--num-processes must be >= 1, got 0", 1),
         (["train", "--bogus"], "No such option '--bogus'. (see distrnn train --help)", 2),
@@ -38,13 +36,13 @@ def one_line_error(result, expected: str, code: int | None = None) -> None:
     ],
 )
 def test_bad_cli_input_is_one_line(args, expected, code):
-    one_line_error(distrnn(*args, timeout=120), expected, code)
+    expect_one_line(distrnn(*args, timeout=120), expected, code)
 
 
 @pytest.mark.skipif(launcher.visible_gpus() > 0, reason="checks the no-GPU message")
 @pytest.mark.parametrize("mode", ["gpu", "ddp"])
 def test_gpu_modes_without_a_gpu_are_one_line(mode):
-    one_line_error(distrnn("train", "--mode", mode, timeout=120), f"--mode {mode} needs a GPU but none is visible", 1)
+    expect_one_line(distrnn("train", "--mode", mode, timeout=120), f"--mode {mode} needs a GPU but none is visible", 1)
 
 
 def test_fp16_on_cpu_is_refused_by_the_worker_too(tmp_path):
@@ -72,34 +70,3 @@ def test_env_reports_versions_and_launch_config():
     assert result.returncode == 0, result.stderr
     for word in ["torch", "accelerate", "wandb", "gpus", "auto mode", "distributed_type"]:
         assert word in result.stdout
-
-
-@pytest.mark.parametrize(
-    "mode, n, gpus, expected",
-    [
-        ("auto", None, 0, ("cpu", 1, "cpu.yaml")),
-        ("auto", 2, 0, ("cpu", 2, "cpu_multi.yaml")),
-        ("auto", None, 1, ("gpu", 1, "gpu.yaml")),
-        ("auto", None, 4, ("ddp", 4, "ddp.yaml")),
-        ("auto", 1, 4, ("gpu", 1, "gpu.yaml")),
-        ("ddp", 2, 4, ("ddp", 2, "ddp.yaml")),
-        ("cpu", 3, 8, ("cpu", 3, "cpu_multi.yaml")),
-    ],
-)
-def test_mode_plans(mode, n, gpus, expected):
-    p = launcher.plan(mode, n, gpus)
-    assert (p.mode, p.num_processes, p.launch_config.name) == expected
-    assert p.launch_config.is_file()
-
-
-@pytest.mark.parametrize(
-    "mode, n, gpus, message",
-    [
-        ("ddp", 5, 4, "--num-processes 5 is more than the 4 visible GPU(s)"),
-        ("ddp", None, 1, "--mode ddp needs at least 2 GPUs"),
-        ("gpu", 2, 2, "--mode gpu runs 1 process"),
-    ],
-)
-def test_impossible_plans_are_refused(mode, n, gpus, message):
-    with pytest.raises(DistrnnError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        launcher.plan(mode, n, gpus)

@@ -10,8 +10,10 @@ import torch
 import yaml
 from torchvision import datasets, transforms
 
-from distrnn.evaluate import load_model
-from tests.conftest import BIN, counts, distrnn
+from distrnn.model_files import load_model
+from tests.helpers import BIN, counts, distrnn
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_process_smoke_run_learns_and_writes_the_run_folder(smoke_run):

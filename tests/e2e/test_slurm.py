@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, IN_CI, REPO, counts, distrnn
+from tests.conftest import require
+from tests.helpers import BIN, REPO, counts, distrnn
 
 SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
-SMOKE = ["--config", "configs/smoke.yaml"]
+SMOKE = ["--config", "smoke"]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +29,7 @@ def slurm_env(data_dir) -> dict[str, str]:
     env.pop("DISTRNN_DEBUG", None)
     ok = shutil.which("sbatch") and SLURM_CONF.is_file() and subprocess.run(
         ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
-    if not ok:
-        message = f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
     (REPO / "logs").mkdir(exist_ok=True)
     return env
 

@@ -1,0 +1,1 @@
+"""The shipped training configs, installed as distrnn.configs (`distrnn train --config fast`)."""

@@ -1,0 +1,63 @@
+"""The model file format: saving the final model, and loading a model from anything a run leaves.
+
+A model travels with the resolved config that built it, so evaluating it needs no model flags.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrnn.config import Config, build_config
+from distrnn.errors import DistrnnError
+from distrnn.model import StackedRNN
+from distrnn.run_folder import CheckpointFolder, RunFolder
+
+
+def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+    """Weights plus the resolved config (what `distrnn evaluate` reads)."""
+    torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}, "config": config}, path)
+
+
+def load_model(source: str | Path) -> tuple[StackedRNN, Config]:
+    """A run folder (its model.pt), a model.pt file, or a checkpoints/step-* folder."""
+    path = Path(source)
+    checkpoint = CheckpointFolder(path)
+    if checkpoint.meta.is_file():
+        return _load_checkpoint(checkpoint)
+    if path.is_dir():
+        path = RunFolder(path).model
+    if not path.is_file():
+        raise DistrnnError(f"no saved model at '{source}'; pass a run folder holding {RunFolder('.').model.name}, "
+                           "the file itself, or a checkpoints/step-* folder")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, stored = saved["model"], saved["config"]
+    except Exception as e:  # a torn or foreign file: say which, not a traceback
+        raise DistrnnError(f"'{path}' is not a distrnn model file ({type(e).__name__}: {e})") from None
+    return rebuild(state, stored, path)
+
+
+def _load_checkpoint(checkpoint: CheckpointFolder) -> tuple[StackedRNN, Config]:
+    from safetensors.torch import load_file
+
+    try:
+        stored = json.loads(checkpoint.meta.read_text())["config"]
+        state = load_file(str(checkpoint.weights))
+    except Exception as e:
+        raise DistrnnError(f"'{checkpoint.path}' is not a complete distrnn checkpoint ({type(e).__name__}: {e})") from None
+    return rebuild(state, stored, checkpoint.path)
+
+
+def rebuild(state: dict[str, torch.Tensor], stored: dict[str, Any], path: Path) -> tuple[StackedRNN, Config]:
+    """The model as the stored config describes it, whatever flags the caller passes."""
+    cfg = build_config(stored, where=f"the config stored in '{path}'")
+    model = StackedRNN(cfg.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DistrnnError(f"weights in '{path}' do not fit the config stored with them ({e})") from None
+    return model, cfg

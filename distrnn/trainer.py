@@ -1,0 +1,323 @@
+"""The training loop of one worker process, in named steps.
+
+`Trainer.__init__` sets up (data, resume point, run folder, model, optimizer, trackers);
+`Trainer.fit` is the loop, and reads like the seed notebook's: for each epoch, for each batch,
+step; then evaluate. Everything a step may trigger (a log line, a checkpoint, a mid-epoch
+evaluation, a stop) is decided in `after_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from distrnn import checkpoint, loaders
+from distrnn.checkpoint import Position
+from distrnn.config import Config
+from distrnn.distributed import agree, dist_mean, dist_sum, from_main, main_print
+from distrnn.errors import DistrnnError
+from distrnn.metrics import Accuracy, exact_accuracy
+from distrnn.mnist import Split, load_split
+from distrnn.model import StackedRNN, count_parameters
+from distrnn.model_files import save_model
+from distrnn.preemption import Preempted, StopFlag
+from distrnn.run_folder import RunFolder
+from distrnn.tracking import RunLog
+
+
+class Clock:
+    """Training time only: evaluations and checkpoints are left out (paused)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds, self._since = seconds, None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self._since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop: StopFlag):
+        self.cfg, self.accelerator, self.stop = cfg, accelerator, stop
+        self.folder = RunFolder(cfg.train.output_dir)
+        self.say = main_print(accelerator)
+        self.say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, precision "
+                 f"{cfg.train.precision}, run folder {self.folder.root}\n--- resolved config ---\n{cfg.to_yaml()}"
+                 "-----------------------")
+        # Data first: a missing or damaged data set stops the run before anything is written.
+        self.train_set, self.test_set = self._load_data()
+        model = StackedRNN(cfg.model)
+        self.say(f"model: {count_parameters(model):,} parameters")
+        self.checkpoint_bytes = checkpoint.estimated_bytes(count_parameters(model), accelerator.num_processes)
+        resume_from, meta = self._resume_point()
+        self.log = RunLog(accelerator, self.folder, cfg.wandb, cfg.to_dict(),
+                          resumed_id=meta.get("wandb_run_id") if meta else None)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.loader = self._make_loader()
+        self.scheduler = self._make_scheduler()
+        self.position = self._restore(resume_from, meta)
+        self.clock = Clock(self.position.train_seconds)
+        self.samples_per_step = cfg.train.batch_size * accelerator.num_processes
+        self.last_test: Accuracy | None = None
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _load_data(self) -> tuple[Split, Split]:
+        data_dir = self.cfg.data.dir
+        # One process per node downloads missing files; then every rank reads and checks its own copy
+        # (node-local disks can differ), and identical errors are printed once.
+        agree(self.accelerator, lambda: load_split(data_dir, False), here=self.accelerator.is_local_main_process)
+        train_set, test_set = agree(self.accelerator, lambda: (load_split(data_dir, True), load_split(data_dir, False)))
+        return train_set, test_set.first(self.cfg.data.test_samples).to(self.accelerator.device)
+
+    def _resume_point(self) -> tuple[checkpoint.CheckpointFolder | None, dict[str, Any] | None]:
+        """The main process decides (the folder is shared) and every rank uses its answer."""
+        def decide():
+            found, warnings = checkpoint.find_resume(self.folder, self.cfg.checkpoint.resume)
+            meta = checkpoint.read_meta(found) if found else None
+            changes = checkpoint.check_resume(self.folder, self.cfg, found, meta, self.accelerator.num_processes)
+            self.folder.prepare(self.cfg.to_yaml(), needed_bytes=(self.cfg.checkpoint.keep + 2) * self.checkpoint_bytes
+                                + 2**20)
+            for warning in warnings:
+                self.say(f"warning: {warning}")
+            for change in changes:
+                self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
+            return found, meta
+
+        return from_main(self.accelerator, agree(self.accelerator, decide, here=self.accelerator.is_main_process))
+
+    def _make_loader(self):
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.data.loader == "memory":
+            split = self.train_set.first(cfg.data.train_samples).to(acc.device)
+            return loaders.MemoryLoader(split, cfg.train.batch_size, cfg.train.seed, acc.process_index,
+                                        acc.num_processes)
+        return acc.prepare(loaders.torchvision_loader(cfg.data.dir, cfg.data.train_samples, cfg.train.batch_size,
+                                                      cfg.data.num_workers))
+
+    def _make_scheduler(self):
+        if self.cfg.optim.schedule != "onecycle":
+            return None
+        return self.accelerator.prepare(torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=self.cfg.optim.lr, total_steps=self.cfg.train.epochs * len(self.loader),
+            pct_start=self.cfg.optim.pct_start))
+
+    def _restore(self, resume_from, meta) -> Position:
+        if not meta:
+            return Position()
+        self.accelerator.load_state(str(resume_from.path))
+        if self.scheduler is None:  # load_state restored the saved lr; a changed one applies from here on
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.optim.lr
+        position = Position(**meta["position"])
+        self.say(f"resumed from {resume_from.path}: epoch {position.epoch + 1}, batch {position.step_in_epoch} of "
+                 f"{len(self.loader)}, step {position.global_step}")
+        return position
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        while self.position.epoch < self.cfg.train.epochs:
+            self.start_epoch()
+            for images, labels in self.epoch_batches():
+                self.train_step(images, labels)
+                self.after_step()
+            self.end_epoch()
+        return self.finish()
+
+    def start_epoch(self) -> None:
+        self.model.train()
+        self.epoch_clock = Clock()
+        self.epoch_first_step = self.position.step_in_epoch
+        # Accuracy on the training batches as they are trained (no extra pass; kept on the device).
+        self.running_correct = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
+        self.running_seen = 0
+        self.clock.start()
+        self.epoch_clock.start()
+
+    def epoch_batches(self):
+        """This rank's batches of the epoch in progress, from the next unseen one (a mid-epoch resume)."""
+        epoch, skip = self.position.epoch, self.position.step_in_epoch
+        self.loader.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
+        if isinstance(self.loader, loaders.MemoryLoader):
+            batches = self.loader.batches(skip)
+        else:
+            batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        # A live bar in a terminal; in a log file (SLURM, CI) a plain line every log_every steps instead.
+        self.bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", initial=skip,
+                        total=len(self.loader), dynamic_ncols=True, leave=False,
+                        disable=not (self.accelerator.is_main_process and sys.stderr.isatty()))
+        return self.bar
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels)
+        self.running_correct += (logits.argmax(dim=1) == labels).sum()
+        self.running_seen += labels.numel()
+        self.agree_before_update(loss, images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.cfg.optim.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.position.step_in_epoch += 1
+        self.position.global_step += 1
+        self.loss = loss
+
+    def agree_before_update(self, loss: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One tiny all-reduce a step, before the update, so that every rank agrees to stop at the same
+        step (a signal) or not to apply a non-finite loss (the model stays debuggable)."""
+        stop_requested, nonfinite = dist_sum(self.accelerator, self.stop.signal is not None,
+                                             not torch.isfinite(loss))
+        if nonfinite:  # raised by the ranks that had it, printed once
+            agree(self.accelerator, lambda: self.nonfinite_loss(loss, images, labels))
+        if stop_requested:
+            self.clock.stop()
+            path = self.save_checkpoint()
+            why = self.stop.signal.name if self.stop.signal else "a stop signal on another rank"
+            raise Preempted(f"stopped by {why} at step {self.position.global_step}; checkpoint {path} saved; "
+                            "run the same command again to resume")
+
+    def after_step(self) -> None:
+        step, mid_epoch = self.position.global_step, self.position.step_in_epoch < len(self.loader)
+        if step % self.cfg.train.log_every == 0:
+            self.log_progress()
+        every = self.cfg.checkpoint.every_steps
+        if every and step % every == 0 and mid_epoch:
+            self.save_checkpoint()
+        every = self.cfg.train.eval_every
+        if every and step % every == 0 and mid_epoch:
+            self.evaluate(self.position.epoch + self.position.step_in_epoch / len(self.loader))
+
+    def end_epoch(self) -> None:
+        self.clock.stop()
+        self.epoch_clock.stop()
+        correct, seen = dist_sum(self.accelerator, int(self.running_correct), self.running_seen)
+        epoch = self.position.epoch
+        test = self.evaluate(epoch + 1)
+        self.log.log({"train/epoch_samples_per_s": self.throughput(),
+                      "train/running_accuracy": 100.0 * correct / max(seen, 1)}, self.position.global_step)
+        self.say(f"epoch {epoch + 1}/{self.cfg.train.epochs}: test {test.correct} / {test.seen} ({test.percent:.2f}%), "
+                 f"{self.throughput():.0f} samples/s, {self.epoch_clock.seconds:.1f} s")
+        self.position.epoch, self.position.step_in_epoch = epoch + 1, 0
+        self.save_checkpoint()
+
+    # --- what a step may trigger --------------------------------------------------------------
+
+    def throughput(self) -> float:
+        """Training samples/s over this epoch so far (all ranks)."""
+        steps = self.position.step_in_epoch - self.epoch_first_step
+        with self.epoch_clock.paused():
+            return steps * self.samples_per_step / max(self.epoch_clock.seconds, 1e-9)
+
+    def log_progress(self) -> None:
+        mean_loss, throughput = dist_mean(self.accelerator, self.loss), self.throughput()
+        epoch = self.position.epoch + 1
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
+        if not sys.stderr.isatty():
+            self.say(f"epoch {epoch}/{self.cfg.train.epochs} step {self.position.global_step}: loss {mean_loss:.4f}, "
+                     f"{throughput:.0f} samples/s")
+        self.log.log({"train/loss": mean_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
+                      "train/samples_per_s": throughput, "epoch": epoch}, self.position.global_step)
+
+    def evaluate(self, epoch_progress: float) -> Accuracy:
+        """Exact test accuracy, recorded against the training time so far (evaluation not counted)."""
+        with self.clock.paused(), self.epoch_clock.paused():
+            accuracy = exact_accuracy(self.accelerator, self.model, self.test_set, self.cfg.train.eval_batch_size)
+        self.position.history.append({"epoch": round(epoch_progress, 3), "step": self.position.global_step,
+                                      "test_accuracy": accuracy.percent, "train_seconds": self.clock.seconds})
+        self.log.log({"test/accuracy": accuracy.percent, "test/correct": accuracy.correct, "test/seen": accuracy.seen,
+                      "epoch": epoch_progress}, self.position.global_step)
+        self.last_test = accuracy
+        return accuracy
+
+    def save_checkpoint(self):
+        with self.clock.paused(), self.epoch_clock.paused():
+            start = time.perf_counter()
+            self.position.train_seconds = self.clock.seconds
+            path = checkpoint.save(self.accelerator, self.folder, self.position,
+                                   {"config": self.cfg.to_dict(), "wandb_run_id": self.log.wandb_id},
+                                   keep=self.cfg.checkpoint.keep, needed_bytes=self.checkpoint_bytes + 2**20)
+            self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        return path
+
+    def nonfinite_loss(self, loss: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """A rank whose loss is not finite saves what helps to debug it and raises; the others stop quietly."""
+        p, debug = self.position, self.folder.debug
+        loss = loss.detach()
+        if torch.isfinite(loss):
+            return
+        debug.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.accelerator.unwrap_model(self.model).state_dict(), "images": images.cpu(),
+                    "labels": labels.cpu(), "loss": float(loss), "global_step": p.global_step,
+                    "epoch": p.epoch + 1, "batch": p.step_in_epoch},
+                   self.folder.debug_file(p.global_step, self.accelerator.process_index))
+        raise DistrnnError(f"the training loss became {float(loss)} at step {p.global_step} (epoch {p.epoch + 1}, "
+                           f"batch {p.step_in_epoch}); model and batch saved in {debug}; lower --lr or set "
+                           "optim.grad_clip")
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        test = self.last_test or exact_accuracy(self.accelerator, self.model, self.test_set,
+                                                self.cfg.train.eval_batch_size)  # resumed from a finished run
+        train_split = self.train_set.first(self.cfg.data.train_samples).to(self.accelerator.device)
+        train_acc = exact_accuracy(self.accelerator, self.model, train_split, self.cfg.train.eval_batch_size)
+        for label, accuracy in [("training", train_acc), ("test", test)]:
+            self.say(f"Accuracy on {label} data:")
+            self.say(accuracy.report())
+        summary = self.summary(train_acc, test)
+        self.log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent},
+                     self.position.global_step)
+        self.log.summary(summary)
+        state = self.accelerator.get_state_dict(self.model)
+
+        def write() -> None:
+            save_model(state, self.cfg.to_dict(), self.folder.model)
+            self.folder.summary.write_text(json.dumps({**summary, "history": self.position.history}, indent=2) + "\n")
+
+        agree(self.accelerator, write, here=self.accelerator.is_main_process)
+        return summary
+
+    def summary(self, train_acc: Accuracy, test: Accuracy) -> dict[str, Any]:
+        seconds = self.clock.seconds
+        return {
+            "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
+            "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
+            "train_seconds": seconds,
+            "samples_per_s": self.position.global_step * self.samples_per_step / max(seconds, 1e-9),
+            "steps": self.position.global_step, "num_processes": self.accelerator.num_processes,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
+            "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
+                            if self.accelerator.device.type == "cuda" else None),
+        }
+
+    def close(self) -> None:
+        self.log.close()

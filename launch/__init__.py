@@ -1,0 +1,1 @@
+"""The shipped Accelerate launch configs, installed as distrnn.launch."""

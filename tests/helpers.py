@@ -1,0 +1,77 @@
+"""What the tests share: real MNIST, real processes, and reading what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def mnist_dir() -> Path:
+    return Path(os.environ.get("DISTRNN_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(extra or {})}
+    env.pop("DISTRNN_DEBUG", None)
+    return env
+
+
+def run(args: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO):
+    """Run a real command (distrnn, python -m ...) and return the CompletedProcess."""
+    return subprocess.run(args, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def distrnn(*args: str, **kwargs):
+    return run([str(BIN / "distrnn"), *args], **kwargs)
+
+
+def start_distrnn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `distrnn ...` in the background (its own session, so a test can signal the whole job)."""
+    return subprocess.Popen([str(BIN / "distrnn"), *args], cwd=REPO, env=_env(env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def counts(output: str) -> list[tuple[int, int]]:
+    """Every 'Got C / N with accuracy A' line as (C, N)."""
+    return [(int(c), int(n)) for c, n in re.findall(r"^Got (\d+) / (\d+) with accuracy [\d.]+$", output, re.M)]
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Block until metrics.jsonl records `step` or later; return the step seen."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-3000:]}"
+        if metrics.is_file():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint folder (what resume picks)."""
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
+    assert complete, f"no complete checkpoint in {run_dir}"
+    return complete[-1]
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one line on stderr; fails if there is more, or a traceback."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    lines = [line.strip() for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("wandb:")]
+    assert len(lines) == 1, lines
+    return lines[0]

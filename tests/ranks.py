@@ -1,0 +1,68 @@
+"""Scenarios run on N real gloo processes by tests/unit/test_distributed.py:
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/ranks.py SCENARIO
+
+Each rank builds the same Accelerator the workers build, runs the scenario through the same
+run_cli that prints worker errors, and prints its results as `RESULT <json>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+from distrnn.config import build_config
+from distrnn.distributed import agree, make_accelerator, run_worker, teardown
+from distrnn.errors import DistrnnError
+from distrnn.metrics import exact_accuracy
+from distrnn.mnist import Split
+from distrnn.model import StackedRNN
+
+
+def tiny_model_and_data(n: int = 1001) -> tuple[StackedRNN, Split]:
+    torch.manual_seed(0)
+    model = StackedRNN(build_config(overrides=["model.hidden_size=8"]).model)
+    split = Split(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (n,)))
+    return model, split
+
+
+def fail(message: str) -> None:
+    raise DistrnnError(message)
+
+
+SCENARIOS = {
+    "exact": None,
+    # only rank 1 has the problem (a node-local file, a full disk on one node)
+    "rank1-error": lambda acc: agree(acc, lambda: fail("rank 1's own problem") if acc.process_index == 1 else None),
+    # every rank has the same problem (a shared file): printed once
+    "same-error": lambda acc: agree(acc, lambda: fail("the same problem everywhere")),
+    # not a DistrnnError, on the main process only: the others must not wait for the collective timeout
+    "main-raises": lambda acc: agree(acc, lambda: {}["missing key"], here=acc.is_main_process),
+}
+
+
+@click.command()
+@click.argument("scenario", type=click.Choice(list(SCENARIOS)))
+def main(scenario: str) -> None:
+    accelerator = make_accelerator("no", 0, collective_timeout_s=300, project_dir=".")
+    assert accelerator.num_processes == int(os.environ["WORLD_SIZE"]), "not one process group"
+    start = time.monotonic()
+    try:
+        if scenario == "exact":
+            model, split = tiny_model_and_data()
+            accuracy = exact_accuracy(accelerator, model, split, batch_size=64)
+            print("RESULT " + json.dumps([accuracy.correct, accuracy.seen]), flush=True)
+        else:
+            SCENARIOS[scenario](accelerator)
+    finally:
+        print(f"LEFT rank {os.environ.get('RANK')} after {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+        teardown(accelerator)
+
+
+if __name__ == "__main__":
+    run_worker(main, prog="distrnn.train")

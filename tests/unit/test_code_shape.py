@@ -1,0 +1,37 @@
+"""The code stays readable: short functions, one module per concern, no file names spelled twice."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from tests.helpers import REPO
+
+SOURCES = sorted((REPO / "distrnn").glob("*.py"))
+
+
+def functions():
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.name, node
+
+
+def test_no_function_is_longer_than_50_lines():
+    long = [f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for name, node in functions()
+            if node.end_lineno - node.lineno + 1 > 50]
+    assert not long, long
+
+
+def test_run_folder_file_names_are_spelled_only_in_run_folder():
+    names = ["config.yaml", "metrics.jsonl", "model.pt", "summary.json", "meta.json", "model.safetensors"]
+    for path in SOURCES:
+        if path.name == "run_folder.py":
+            continue
+        for name in names:
+            assert not re.search(rf'"{re.escape(name)}"', path.read_text()), f"{path.name} spells {name}"
+
+
+def test_only_config_reads_the_data_dir_variable():
+    readers = [p.name for p in SOURCES if "DISTRNN_DATA_DIR" in p.read_text() and '"DISTRNN_DATA_DIR"' in p.read_text()]
+    assert readers == ["config.py"]

@@ -1,0 +1,56 @@
+"""Rank logic on real gloo processes: exact counts at any world size, and who prints an error."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from distrnn.loaders import eval_batches
+from distrnn.metrics import count_correct
+from tests.helpers import BIN, REPO, run
+from tests.ranks import tiny_model_and_data
+
+
+def on_ranks(n: int, scenario: str):
+    return run([str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                str(REPO / "tests" / "ranks.py"), scenario], timeout=120, env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("distrnn.train: error")]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_exact_accuracy_is_the_same_at_any_world_size(processes):
+    model, split = tiny_model_and_data()
+    truth = count_correct(model, eval_batches(split, 1001, 0, 1))
+    assert truth[1] == 1001
+    result = on_ranks(processes, "exact")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [tuple(json.loads(r)) for r in re.findall(r"RESULT (\[\d+, \d+\])", result.stdout)]  # ranks interleave
+    assert got == [truth] * processes  # every rank holds the global counts
+
+
+def test_an_error_on_rank_1_only_is_printed_by_rank_1_naming_it():
+    result = on_ranks(2, "rank1-error")
+    assert result.returncode != 0
+    assert errors(result.stderr) == [
+        f"distrnn.train: error on rank 1 (node {__import__('socket').gethostname().split('.')[0]}): rank 1's own problem"]
+
+
+def test_the_same_error_on_every_rank_is_printed_once():
+    result = on_ranks(3, "same-error")
+    assert result.returncode != 0
+    assert errors(result.stderr) == ["distrnn.train: error: the same problem everywhere"]
+
+
+def test_an_unexpected_error_on_the_main_process_releases_the_others_at_once():
+    result = on_ranks(2, "main-raises")
+    assert result.returncode != 0
+    assert "KeyError: 'missing key'" in result.stderr  # the real cause, with its traceback (a bug, not bad input)
+    left = {int(r): float(s) for r, s in re.findall(r"LEFT rank (\d) after ([\d.]+) s", result.stderr)}
+    assert set(left) == {0, 1} and left[1] < 30  # not the 300 s collective timeout
+    assert "lost contact" not in result.stderr

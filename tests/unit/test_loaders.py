@@ -1,0 +1,77 @@
+"""The in-memory loader's sharding and wrap-around, and the exact evaluation shards."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distrnn.loaders import MemoryLoader, eval_batches
+from distrnn.mnist import Split
+
+
+def numbered(n: int) -> Split:
+    """Image i is filled with i % 256 and labelled i, so every batch says which samples it holds."""
+    images = (torch.arange(n) % 256).to(torch.uint8).reshape(n, 1, 1).expand(n, 28, 28).contiguous()
+    return Split(images, torch.arange(n))
+
+
+def epoch_samples(n: int, batch: int, world: int, epoch: int, seed: int = 0) -> list[list[int]]:
+    split = numbered(n)
+    per_rank = []
+    for rank in range(world):
+        loader = MemoryLoader(split, batch, seed, rank, world)
+        loader.set_epoch(epoch)
+        per_rank.append([int(i) for _, labels in loader for i in labels])
+    return per_rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), batch=st.integers(1, 64), world=st.integers(1, 5), epoch=st.integers(0, 3))
+def test_ranks_cover_every_sample_with_equal_steps_and_minimal_wrap_around(n, batch, world, epoch):
+    per_rank = epoch_samples(n, batch, world, epoch)
+    steps = [math.ceil(len(samples) / batch) for samples in per_rank]
+    assert len(set(steps)) == 1  # every rank runs the same number of steps (no rank waits in a collective)
+    assert steps[0] == len(MemoryLoader(numbered(n), batch, 0, 0, world))
+    seen = Counter(i for samples in per_rank for i in samples)
+    assert set(seen) == set(range(n))  # every sample, every epoch
+    repeats = sum(seen.values()) - n
+    assert repeats == math.ceil(n / world) * world - n < world  # only the last round wraps around
+
+
+def test_shuffle_depends_on_seed_and_epoch_only():
+    a, b = epoch_samples(1000, 32, 2, epoch=1), epoch_samples(1000, 32, 2, epoch=1)
+    assert a == b
+    assert epoch_samples(1000, 32, 2, epoch=2) != a
+    assert epoch_samples(1000, 32, 2, epoch=1, seed=1) != a
+    assert a[0][:5] != sorted(a[0][:5]) or a[0] != sorted(a[0])  # shuffled, not in order
+
+
+def test_skip_resumes_at_the_next_unseen_batch():
+    loader = MemoryLoader(numbered(500), 16, 0, 1, 3)
+    loader.set_epoch(4)
+    full = [labels.tolist() for _, labels in loader.batches()]
+    assert [labels.tolist() for _, labels in loader.batches(skip=5)] == full[5:]
+
+
+def test_batches_are_uint8_over_255_like_to_tensor():
+    split = numbered(300)
+    images, labels = next(iter(MemoryLoader(split, 8, 0, 0, 1)))
+    for image, label in zip(images, labels):
+        assert image.dtype == torch.float32
+        assert torch.equal(image, split.images[label].float() / 255)
+
+
+@pytest.mark.parametrize("n, world, batch", [(1001, 1, 64), (1001, 2, 64), (1001, 3, 7), (5, 8, 2), (10_000, 3, 1000)])
+def test_eval_shards_count_every_sample_exactly_once(n, world, batch):
+    split = numbered(n)
+    seen = Counter()
+    for rank in range(world):
+        for images, labels in eval_batches(split, batch, rank, world):
+            assert len(labels) <= batch
+            seen.update(labels.tolist())
+    assert seen == Counter(range(n))
