@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train check test clean
+.PHONY: train check test results gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ check: $(STAMP)
 # The whole suite, as CI runs it (CPU only, real processes, real MNIST from $$DISTRNN_DATA_DIR or ./data).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -v $(ARGS)
+
+# The README's results table, from the runs it lists (about 3 minutes on 2 cores); rerun when training changes.
+results: $(STAMP)
+	$(VENV)/bin/python -m benchmarks.results_table $(ARGS)
+
+# On a GPU machine, against the torch already installed there (no venv, nothing downloaded): distrnn
+# without its dependencies, then the GPU checks (< 6 min on one modern GPU); needs DISTRNN_DATA_DIR.
+# Writes benchmarks/results/gpu-<gpu name>.json and .md (ARGS="--out DIR" to write elsewhere).
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

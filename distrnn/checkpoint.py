@@ -59,7 +59,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: dict[str, Any], keep: int,
-         needed_bytes: int) -> Path:
+         needed_bytes: int, tensors: list[str]) -> Path:
     """Collective: every rank calls it (Accelerate saves each rank's RNG state)."""
     final, tmp = folder.checkpoint(position.global_step), folder.checkpoint(position.global_step, tmp=True)
     if from_main(accelerator, final.is_complete()):  # e.g. a stop right after a periodic save
@@ -74,6 +74,7 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
     agree(accelerator, lambda: _save_state(accelerator, tmp))
 
     def publish() -> None:
+        check_complete(tmp, tensors)
         faults.delay_publish()
         meta_all = {"position": asdict(position), "num_processes": accelerator.num_processes,
                     "saved_at": time.time(), **meta}
@@ -87,10 +88,47 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
 
 def _save_state(accelerator: Accelerator, tmp: CheckpointFolder) -> None:
     try:
+        faults.fail_save()
         accelerator.save_state(str(tmp.path))
     except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
         raise DistrnnError(f"could not write checkpoint {tmp.path} ({e.strerror or e}); the previous checkpoint "
                            "is intact: free some space and run the same command again to resume") from None
+
+
+def untie_weights(models: list, weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate's save_state pre-hook: every tensor gets its own storage before it is written.
+
+    On CUDA nn.RNN keeps its weights as views of one flat cuDNN buffer; safetensors keeps one name per
+    storage (accelerate's clean_state_dict_for_safetensors), and 7 of the 8 RNN tensors were dropped.
+    """
+    for i, state in enumerate(weights):
+        weights[i] = type(state)((name, tensor.clone()) for name, tensor in state.items())
+
+
+def load_weights(models: list, input_dir: str) -> None:
+    """accelerate's load_state pre-hook: the model's weights through load_state_dict, which copies into
+    the existing tensors; safetensors' load_model, which load_state would use, refuses a model whose
+    tensors share storage (cuDNN's flat buffer on a GPU). Loaded models leave the list, as the hook
+    contract asks, so accelerate does not load them again."""
+    from accelerate.utils import extract_model_from_parallel
+    from safetensors.torch import load_file
+
+    for model in list(models):
+        net = extract_model_from_parallel(model)
+        net.load_state_dict(load_file(str(CheckpointFolder(Path(input_dir)).weights),
+                                      device=str(next(net.parameters()).device)))
+        models.remove(model)
+
+
+def check_complete(folder: CheckpointFolder, expected: list[str]) -> None:
+    """A checkpoint missing any model tensor is never published: it would not resume or evaluate."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder.weights), framework="pt") as f:
+        missing = sorted(set(expected) - set(f.keys()))
+    if missing:
+        raise DistrnnError(f"checkpoint {folder.path} is incomplete ({len(missing)} of {len(expected)} model tensors "
+                           f"missing, e.g. {missing[0]}); it was not published and the previous one is intact")
 
 
 def prune(folder: RunFolder, keep: int) -> None:
@@ -147,6 +185,12 @@ def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
         why = "; the onecycle schedule is fixed at the start" if any(c.policy != MATCH for c in refused) else ""
         raise DistrnnError(f"checkpoint {found.path} has {old} but this run asks for {new}{why}; use the same "
                            "config, another --output-dir, or --resume never")
+    if meta is not None:
+        position = meta["position"]
+        begun = position["epoch"] + (1 if position["step_in_epoch"] else 0)
+        if cfg.train.epochs < begun:
+            raise DistrnnError(f"checkpoint {found.path} is {begun} epoch(s) in; train.epochs={cfg.train.epochs} "
+                               f"cannot undo that: ask for {begun} or more, or --resume never")
     if meta is not None and meta["num_processes"] != num_processes:
         raise DistrnnError(f"checkpoint {found.path} was saved by {meta['num_processes']} process(es) and this run "
                            f"has {num_processes}; resume with --num-processes {meta['num_processes']}")

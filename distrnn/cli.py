@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from distrnn import launcher
+from distrnn import devices, launcher
 from distrnn.config import default_data_dir, load_config
 from distrnn.devices import check_precision
-from distrnn.errors import run_cli
+from distrnn.errors import DistrnnError, run_cli
 from distrnn.options import CONFIG_OPTIONS, EVALUATE_OPTIONS, overrides_from, to_args, with_options
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -83,12 +83,22 @@ def env() -> None:
             version = "not installed"
         click.echo(f"{name:<12} {version}")
     click.echo(f"cpu cores    {os.cpu_count()} (torch threads {torch.get_num_threads()})")
-    gpus = launcher.visible_gpus()
-    click.echo(f"gpus         {gpus}")
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    click.echo(f"torch cuda   {torch.version.cuda or 'none (a CPU-only build)'}, cuDNN {cudnn}, "
+               f"built for {' '.join(torch.cuda.get_arch_list()) or 'no GPU architecture'}")
+    click.echo(f"driver       {devices.nvidia_driver() or 'no NVIDIA driver found'}")
+    gpus = devices.visible_gpus()
+    click.echo(f"gpus         {gpus}" + (f" ({devices.allocated_gpus()})" if devices.allocated_gpus() else ""))
     for i in range(gpus):
-        click.echo(f"  cuda:{i}     {torch.cuda.get_device_name(i)} (bf16: {torch.cuda.is_bf16_supported()})")
+        major, minor = torch.cuda.get_device_capability(i)
+        click.echo(f"  cuda:{i}     {torch.cuda.get_device_name(i)} (sm_{major}{minor}, bf16: "
+                   f"{'native' if devices.gpu_bf16_supported() else 'no'})")
     click.echo(f"data dir     {default_data_dir()}")
-    plan = launcher.plan("auto", None, gpus)
+    try:
+        plan = launcher.plan("auto", None, gpus)
+    except DistrnnError as e:
+        click.echo(f"auto mode    refused: {e}")
+        return
     click.echo(f"auto mode    {plan.mode}, {plan.num_processes} process(es), {plan.launch_config}")
     click.echo(plan.launch_config.read_text().rstrip())
 

@@ -92,6 +92,10 @@ class TrainConfig:
     batch_size: int = key(64, help="Batch size per process.", resume=MATCH)
     eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
     precision: str = key("no", help="no (fp32), fp16 (GPU only) or bf16.", resume=MATCH)
+    tf32: bool = key(False, help="Allow TF32 in fp32 matmuls and cuDNN RNNs on Ampere+ GPUs (faster; a 10-bit "
+                     "mantissa). Off: fp32 means fp32.", resume=MATCH)
+    deterministic: bool = key(False, help="Deterministic GPU kernels (torch.use_deterministic_algorithms, "
+                              "CUBLAS_WORKSPACE_CONFIG), for bit-exact GPU resumes; slower.", resume=FREE)
     seed: int = key(0, help="Seed for weights, shuffling and every RNG.", resume=MATCH)
     log_every: int = key(50, help="Optimizer steps between loss logs.", resume=FREE)
     eval_every: int | None = key(None, help="Optimizer steps between extra evaluations (besides each epoch end).",

@@ -1,12 +1,22 @@
-"""What this machine's devices can do: GPUs visible to torch, and which precisions they run.
+"""What this machine's devices can do, and the numeric settings a run asks of them.
 
-Checked twice on purpose, with the same function: by `distrnn train` before any worker starts, and
-by each worker (which `accelerate launch -m distrnn.train` reaches without the distrnn CLI).
+The precision check runs twice on purpose, with the same function: in `distrnn train` before any
+worker starts, and in each worker (which `accelerate launch -m distrnn.train` reaches without the
+distrnn CLI).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 from distrnn.errors import DistrnnError
+
+# What says GPUs were allocated to this process, and the values that mean "none".
+_GPU_ALLOCATION = {"CUDA_VISIBLE_DEVICES": ("", "-1", "NoDevFiles"), "SLURM_JOB_GPUS": ("",),
+                   "SLURM_STEP_GPUS": ("",), "SLURM_GPUS_ON_NODE": ("", "0")}
 
 
 def visible_gpus() -> int:
@@ -15,10 +25,17 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def will_run_on_cpu() -> bool:
+    """What an Accelerator made in this process will choose: the CPU when asked (ACCELERATE_USE_CPU,
+    which `--mode cpu` sets) or when no GPU is visible."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or visible_gpus() == 0
+
+
 def gpu_bf16_supported() -> bool:
+    """Native bf16 only: the default also says True for GPUs that merely emulate it (pre-Ampere)."""
     import torch
 
-    return torch.cuda.is_bf16_supported()
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def check_precision(precision: str, on_cpu: bool, gpu_bf16: bool | None = None) -> None:
@@ -29,3 +46,63 @@ def check_precision(precision: str, on_cpu: bool, gpu_bf16: bool | None = None) 
     if not on_cpu and precision == "bf16":
         if not (gpu_bf16_supported() if gpu_bf16 is None else gpu_bf16):
             raise DistrnnError("precision bf16 is not supported by this GPU; use --precision fp16 or --precision no")
+
+
+def set_numerics(tf32: bool, deterministic: bool) -> None:
+    """fp32 means fp32 unless TF32 is asked for; `deterministic` sets what bit-exact GPU runs need.
+
+    cuDNN RNNs default to TF32 on Ampere and newer (torch.backends.cudnn.rnn.fp32_precision is
+    'tf32' in torch 2.14): a 10-bit mantissa in every recurrent matmul of a `--precision no` run.
+    """
+    import torch
+
+    mode = "tf32" if tf32 else "ieee"
+    if hasattr(torch.backends.cudnn, "rnn"):  # torch >= 2.9: per-backend fp32 precision
+        torch.backends.cudnn.rnn.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    if deterministic:
+        # cuBLAS reads this when it creates its handle (the first matmul), so before any GPU work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA kernel driver's version, or None where there is none."""
+    version = Path("/proc/driver/nvidia/version")
+    if version.is_file():
+        words = version.read_text().split()
+        numbers = [w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit()]
+        if numbers:
+            return numbers[0]
+    if shutil.which("nvidia-smi"):
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.splitlines()[0].strip()
+    return None
+
+
+def allocated_gpus() -> str | None:
+    """'VAR=value' for the first variable saying GPUs were allocated to this process, else None."""
+    for name, none in _GPU_ALLOCATION.items():
+        value = os.environ.get(name)
+        if value is not None and value not in none:
+            return f"{name}={value}"
+    return None
+
+
+def check_allocated_gpus_usable(gpus: int) -> None:
+    """GPUs were allocated but this torch sees none (a CPU build, a driver too old for its CUDA, an
+    architecture it was not built for): stop rather than train on the CPU without a word."""
+    allocated = allocated_gpus()
+    if gpus or allocated is None:
+        return
+    import torch
+
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    driver = nvidia_driver() or "no NVIDIA driver found"
+    raise DistrnnError(f"GPUs were allocated ({allocated}) but torch {torch.__version__} ({build}) sees none "
+                       f"(driver: {driver}); install a torch built for this driver and GPU, or use --mode cpu")

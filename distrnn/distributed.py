@@ -16,15 +16,20 @@ from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list,
                               gather_object, set_seed)
 
-from distrnn.devices import check_precision
+from distrnn.devices import check_precision, set_numerics
 from distrnn.errors import DistrnnError, Quiet, first_line, run_cli
 
 T = TypeVar("T")
 
 
 def make_accelerator(precision: str, seed: int, collective_timeout_s: int, project_dir: str,
-                     log_with: list[str] | None = None) -> Accelerator:
+                     log_with: list[str] | None = None, tf32: bool = False, deterministic: bool = False) -> Accelerator:
     """One Accelerator per process; the launcher (ACCELERATE_USE_CPU, torchrun env) picks the device."""
+    # NCCL: when a collective fails or outlives the timeout (a rank died or hangs), abort the
+    # communicator and end this process (1), instead of ending it with the communicator alive (3,
+    # torch's default); the launcher then reports the rank. Gloo raises instead (peer_failure).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    set_numerics(tf32, deterministic)
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with=log_with or None,
@@ -62,9 +67,10 @@ def shard_indices(n: int, rank: int, world_size: int) -> range:
     return range(rank, n, world_size)
 
 
-def dist_sum(accelerator: Accelerator, *counts: int) -> tuple[int, ...]:
-    """Sum integer counts over all ranks exactly (int64, one all-reduce)."""
-    local = torch.tensor(counts, dtype=torch.int64, device=accelerator.device)
+def dist_sum(accelerator: Accelerator, *counts: int | torch.Tensor) -> tuple[int, ...]:
+    """Sum integer counts (Python ints or tensors on the device) over all ranks exactly: int64, one
+    all-reduce, one read on the host."""
+    local = torch.stack([torch.as_tensor(c, device=accelerator.device).to(torch.int64).reshape(()) for c in counts])
     return tuple(int(v) for v in accelerator.reduce(local, reduction="sum").tolist())
 
 
@@ -110,15 +116,22 @@ def agree(accelerator: Accelerator, action: Callable[[], T], here: bool = True) 
     raise Quiet(failed[0][1])
 
 
-_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL")
+# Gloo reports a dead or hung peer as a plain RuntimeError with one of these texts.
+_GLOO_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out")
 
 
 def peer_failure(accelerator: Accelerator | None, error: BaseException) -> DistrnnError | None:
-    """A collective that failed because another rank died or hung, as one line; else None."""
+    """A collective that failed because another rank died or hung, as one line; else None.
+
+    By type first (NCCL and the rendezvous store raise DistBackendError / DistNetworkError /
+    DistStoreError), then by gloo's texts. An NCCL error that is not about a peer (a version
+    mismatch, invalid usage) is not a lost rank and keeps its own message.
+    """
     if accelerator is None or accelerator.num_processes < 2 or not isinstance(error, RuntimeError):
         return None
-    text = str(error)
-    if not any(marker in text for marker in _PEER_FAILURE):
+    lost_peer = isinstance(error, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or any(
+        marker in str(error) for marker in _GLOO_PEER_FAILURE)
+    if not lost_peer:
         return None
     return DistrnnError(f"rank {accelerator.process_index} lost contact with another rank ({first_line(error)}); "
                         "stopping")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from distrnn.devices import will_run_on_cpu
 from distrnn.distributed import agree, main_print, make_accelerator, run_worker, teardown
 from distrnn.metrics import exact_accuracy
 from distrnn.mnist import load_split
@@ -17,17 +18,24 @@ from distrnn.options import EVALUATE_OPTIONS, with_options
 
 @with_options(EVALUATE_OPTIONS)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: int | None) -> None:
+def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: int | None,
+         precision: str | None) -> None:
     """Print the exact train and test accuracy of a saved model, sharded across processes."""
     model, cfg = load_model(checkpoint)
     data_dir = data_dir or cfg.data.dir
+    note = None
+    if precision is None:
+        precision = cfg.train.precision
+        if precision == "fp16" and will_run_on_cpu():
+            precision, note = "no", "note: the model was trained in fp16, which needs a GPU; evaluating in fp32"
     accelerator = None
     try:
-        # Evaluate in the precision the model was trained in (bf16 stays bf16; fp16 needs a GPU).
-        accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
+        accelerator = make_accelerator(precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        project_dir=checkpoint)
         model = model.to(accelerator.device)
         say = main_print(accelerator)
+        if note:
+            say(note)
         for train, label in [(True, "training"), (False, "test")]:
             split = agree(accelerator, lambda: load_split(data_dir, train)).first(limit).to(accelerator.device)
             accuracy = exact_accuracy(accelerator, model, split, batch_size or cfg.train.eval_batch_size)

@@ -3,13 +3,19 @@
 Comma-separated faults, set in the environment of the process (or of one node's launcher) that
 should have them; unset in every real run:
 
+    save-oserror        this process fails to write its part of a checkpoint (disk quota exceeded)
     publish-delay=S     the main process waits S seconds between writing a checkpoint and renaming it
+    cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+
+import torch
+from torch import nn
 
 
 def _active() -> dict[str, str]:
@@ -21,5 +27,27 @@ def _active() -> dict[str, str]:
     return faults
 
 
+def fail_save() -> None:
+    if "save-oserror" in _active():
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
 def delay_publish() -> None:
     time.sleep(float(_active().get("publish-delay", "0") or 0))
+
+
+def flatten_like_cudnn(rnn: nn.RNNBase) -> None:
+    """Make every weight of `rnn` a view of one flat buffer, as `flatten_parameters` does on CUDA.
+
+    Reproduces on a CPU the layout that made safetensors keep one of the eight RNN tensors.
+    """
+    if "cudnn-flat-weights" not in _active():
+        return
+    names = list(rnn._flat_weights_names)
+    tensors = [getattr(rnn, name).detach() for name in names]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    offset = 0
+    for name, tensor in zip(names, tensors):
+        setattr(rnn, name, nn.Parameter(flat[offset : offset + tensor.numel()].view_as(tensor)))
+        offset += tensor.numel()
+    rnn._init_flat_weights()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from distrnn.devices import visible_gpus
+from distrnn.devices import check_allocated_gpus_usable, visible_gpus
 from distrnn.errors import DistrnnError, debug_enabled, first_line, run_cli
 from distrnn.preemption import AGENT_SIGNALS, forward_to_children
 
@@ -61,6 +61,7 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
     if num_processes is not None and num_processes < 1:
         raise DistrnnError(f"--num-processes must be >= 1, got {num_processes}")
     if mode == "auto":
+        check_allocated_gpus_usable(gpus)
         mode = "ddp" if gpus > 1 else "gpu" if gpus == 1 else "cpu"
         if mode == "ddp" and num_processes == 1:
             mode = "gpu"
@@ -149,8 +150,10 @@ def run_accelerate(p: Plan, module: str, worker_args: list[str]) -> int:
         _quiet_torchrun_agent()
     try:
         launch_command(args)
-    except ConnectionError as e:  # accelerate: the rendezvous port is taken on the main machine
-        raise DistrnnError(f"{first_line(e, limit=1000)} (pick another --main-process-port)") from None
+    except ConnectionError:  # accelerate: the rendezvous port is taken on the main machine
+        port = p.machines.main_port if p.machines else "0"
+        raise DistrnnError(f"rendezvous port {port} is taken by another process on this machine; pick another "
+                           "--main-process-port") from None
     except SignalException as e:  # Ctrl-C (SIGINT), SIGHUP, SIGQUIT: torchrun's agent stopped the workers
         return 128 + int(e.sigval)
     except subprocess.CalledProcessError as e:

@@ -6,12 +6,26 @@ h0 = zeros, and one linear layer over the outputs of all 28 steps: 276,490 param
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from distrnn.config import ModelConfig
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def rnn_dtype_outside_autocast(device_type: str, autocast_enabled: bool, autocast_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to run the recurrent layers in by hand, or None to leave them to autocast.
+
+    Autocast's wrapper for cuDNN RNNs (aten/src/ATen/cudnn/AutocastRNN.cpp) casts weights and inputs
+    to fp16 whatever the autocast dtype, so under bf16 autocast on a GPU the RNN would run in fp16,
+    without a loss scaler. There the RNN runs outside autocast, in bf16, instead.
+    """
+    if device_type == "cuda" and autocast_enabled and autocast_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 class StackedRNN(nn.Module):
@@ -29,9 +43,26 @@ class StackedRNN(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (batch, 1, 28, 28) or (batch, 28, 28); each step reads input_size pixels."""
         x = images.reshape(images.shape[0], self.sequence_length, self.input_size)
-        out, _ = self.rnn(x)
+        device = x.device.type
+        dtype = rnn_dtype_outside_autocast(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        out = self.recurrent(x) if dtype is None else self.recurrent_in(x, dtype)
         features = out.reshape(out.shape[0], -1) if self.all_steps else out[:, -1]
         return self.fc(features)
+
+    def recurrent(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return out
+
+    def recurrent_in(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The recurrent layers in `dtype`, outside autocast: copies of the weights in `dtype` (the
+        gradients flow back to the fp32 parameters, as under autocast)."""
+        weights = {name: p.to(dtype) for name, p in self.rnn.named_parameters()}
+        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # cuDNN copies these fresh bf16 weights into its flat buffer (and says so, once a run): the
+            # copy is the cast autocast would make anyway.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            out, _ = torch.func.functional_call(self.rnn, weights, (x.to(dtype),))
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -53,6 +53,8 @@ EVALUATE_OPTIONS = [
     click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: the one stored with the model]."),
     click.Option(["--batch-size"], type=click.IntRange(min=1), default=None, help="Evaluation batch size per process."),
     click.Option(["--limit"], type=click.IntRange(min=1), default=None, help="Only the first N images of each split."),
+    click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None,
+                 help="[default: the precision the model was trained in; fp16 becomes fp32 on a CPU]"),
 ]
 
 

@@ -6,6 +6,7 @@ they become one warning and the run continues, offline or without W&B.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import netrc
 import os
@@ -61,6 +62,9 @@ class RunLog:
 
     def _start_wandb(self, wandb: WandbConfig, folder: RunFolder, config: dict[str, Any],
                      resumed_id: str | None) -> None:
+        if importlib.util.find_spec("wandb") is None:
+            self.warn("W&B is not installed; training continues without it (pip install wandb, or pass --no-wandb)")
+            return
         went_offline = choose_wandb_mode() == "offline"
         kwargs: dict[str, Any] = {"dir": str(folder.trackers), "name": wandb.run_name or folder.root.name}
         if resumed_id:

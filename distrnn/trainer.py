@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from distrnn import checkpoint, loaders
+from distrnn import checkpoint, faults, loaders
 from distrnn.checkpoint import Position
 from distrnn.config import Config
 from distrnn.distributed import agree, dist_mean, dist_sum, from_main, main_print
@@ -30,6 +30,7 @@ from distrnn.metrics import Accuracy, exact_accuracy
 from distrnn.mnist import Split, load_split
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.model_files import save_model
+from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, total_norm
 from distrnn.preemption import Preempted, StopFlag
 from distrnn.run_folder import RunFolder
 from distrnn.tracking import RunLog
@@ -65,25 +66,33 @@ class Trainer:
         self.cfg, self.accelerator, self.stop = cfg, accelerator, stop
         self.folder = RunFolder(cfg.train.output_dir)
         self.say = main_print(accelerator)
-        self.say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}, precision "
+        threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
+        self.say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}{threads}, precision "
                  f"{cfg.train.precision}, run folder {self.folder.root}\n--- resolved config ---\n{cfg.to_yaml()}"
                  "-----------------------")
         # Data first: a missing or damaged data set stops the run before anything is written.
         self.train_set, self.test_set = self._load_data()
         model = StackedRNN(cfg.model)
+        faults.flatten_like_cudnn(model.rnn)
         self.say(f"model: {count_parameters(model):,} parameters")
         self.checkpoint_bytes = checkpoint.estimated_bytes(count_parameters(model), accelerator.num_processes)
         resume_from, meta = self._resume_point()
         self.log = RunLog(accelerator, self.folder, cfg.wandb, cfg.to_dict(),
                           resumed_id=meta.get("wandb_run_id") if meta else None)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+        # Fused: one kernel for the whole update, and it can skip a step on the device (see nonfinite.py).
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_save_state_pre_hook(checkpoint.untie_weights)
+        accelerator.register_load_state_pre_hook(checkpoint.load_weights)
+        self.guard = NonFiniteGuard(self.optimizer.optimizer, accelerator.device,
+                                    scaler_owns_skips=accelerator.scaler is not None)
         self.loader = self._make_loader()
         self.scheduler = self._make_scheduler()
         self.position = self._restore(resume_from, meta)
         self.clock = Clock(self.position.train_seconds)
         self.samples_per_step = cfg.train.batch_size * accelerator.num_processes
         self.last_test: Accuracy | None = None
+        self.skipped_steps = 0  # updates the fp16 grad scaler skipped (overflow), since this start
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -175,31 +184,40 @@ class Trainer:
         return self.bar
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Forward, backward, update: nothing here waits for the device (no host sync)."""
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         self.running_correct += (logits.argmax(dim=1) == labels).sum()
         self.running_seen += labels.numel()
-        self.agree_before_update(loss, images, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        if self.cfg.optim.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        p = self.position
+        self.accelerator.backward(self.guard.loss_for_backward(loss, p.global_step, p.step_in_epoch, (images, labels)))
+        norm = (self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+                if self.cfg.optim.grad_clip is not None else None)
+        if not self.guard.scaler_owns_skips:
+            self.guard.grads_computed(total_norm(self.model.parameters()) if norm is None else norm, p.global_step)
         self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.position.step_in_epoch += 1
-        self.position.global_step += 1
-        self.loss = loss
+        self.step_scheduler()
+        p.step_in_epoch += 1
+        p.global_step += 1
+        self.loss = loss.detach()
 
-    def agree_before_update(self, loss: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One tiny all-reduce a step, before the update, so that every rank agrees to stop at the same
-        step (a signal) or not to apply a non-finite loss (the model stays debuggable)."""
-        stop_requested, nonfinite = dist_sum(self.accelerator, self.stop.signal is not None,
-                                             not torch.isfinite(loss))
-        if nonfinite:  # raised by the ranks that had it, printed once
-            agree(self.accelerator, lambda: self.nonfinite_loss(loss, images, labels))
-        if stop_requested:
-            self.clock.stop()
+    def step_scheduler(self) -> None:
+        """The schedule advances only with the weights: not on a step the fp16 grad scaler skipped (an
+        overflow). Reading that flag is a host sync, which fp16's scaler makes every step anyway."""
+        if self.guard.scaler_owns_skips and self.accelerator.optimizer_step_was_skipped:
+            self.skipped_steps += 1
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def check_health(self) -> None:
+        """One host read and one tiny all-reduce: every rank stops at the same step on a stop signal,
+        and on a non-finite loss or gradient (whose update the guard has kept out of the weights)."""
+        stop, bad_losses, bad_grads = dist_sum(self.accelerator, self.stop.signal is not None, *self.guard.flags())
+        if bad_losses or bad_grads:
+            loss_step, loss_value, grad_step = self.guard.read()
+            agree(self.accelerator, lambda: self.nonfinite(loss_step, loss_value, grad_step if not bad_losses else -1))
+        if stop:
             path = self.save_checkpoint()
             why = self.stop.signal.name if self.stop.signal else "a stop signal on another rank"
             raise Preempted(f"stopped by {why} at step {self.position.global_step}; checkpoint {path} saved; "
@@ -207,16 +225,20 @@ class Trainer:
 
     def after_step(self) -> None:
         step, mid_epoch = self.position.global_step, self.position.step_in_epoch < len(self.loader)
-        if step % self.cfg.train.log_every == 0:
+        log = step % self.cfg.train.log_every == 0
+        save = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0 and mid_epoch
+        evaluate = bool(self.cfg.train.eval_every) and step % self.cfg.train.eval_every == 0 and mid_epoch
+        if step % CHECK_EVERY == 0 or log or save or evaluate:  # nothing is logged, saved or evaluated unchecked
+            self.check_health()
+        if log:
             self.log_progress()
-        every = self.cfg.checkpoint.every_steps
-        if every and step % every == 0 and mid_epoch:
+        if save:
             self.save_checkpoint()
-        every = self.cfg.train.eval_every
-        if every and step % every == 0 and mid_epoch:
+        if evaluate:
             self.evaluate(self.position.epoch + self.position.step_in_epoch / len(self.loader))
 
     def end_epoch(self) -> None:
+        self.check_health()
         self.clock.stop()
         self.epoch_clock.stop()
         correct, seen = dist_sum(self.accelerator, int(self.running_correct), self.running_seen)
@@ -264,24 +286,28 @@ class Trainer:
             self.position.train_seconds = self.clock.seconds
             path = checkpoint.save(self.accelerator, self.folder, self.position,
                                    {"config": self.cfg.to_dict(), "wandb_run_id": self.log.wandb_id},
-                                   keep=self.cfg.checkpoint.keep, needed_bytes=self.checkpoint_bytes + 2**20)
+                                   keep=self.cfg.checkpoint.keep, needed_bytes=self.checkpoint_bytes + 2**20,
+                                   tensors=list(self.accelerator.unwrap_model(self.model).state_dict()))
             self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
         return path
 
-    def nonfinite_loss(self, loss: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """A rank whose loss is not finite saves what helps to debug it and raises; the others stop quietly."""
-        p, debug = self.position, self.folder.debug
-        loss = loss.detach()
-        if torch.isfinite(loss):
-            return
+    def nonfinite(self, loss_step: int, loss_value: float, grad_step: int) -> None:
+        """Raised by each rank whose loss was not finite (or by every rank, for gradients that became
+        non-finite with finite losses), after saving the weights from before that step and the batch."""
+        step = loss_step if loss_step >= 0 else grad_step
+        if step < 0 or (loss_step < 0 and not self.accelerator.is_main_process):
+            return  # another rank had it, or (gradients: the same on every rank) the main process reports it
+        entry = self.guard.entry_at(step)
+        in_epoch, batch = entry if entry else (None, None)
+        debug = self.folder.debug
         debug.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.accelerator.unwrap_model(self.model).state_dict(), "images": images.cpu(),
-                    "labels": labels.cpu(), "loss": float(loss), "global_step": p.global_step,
-                    "epoch": p.epoch + 1, "batch": p.step_in_epoch},
-                   self.folder.debug_file(p.global_step, self.accelerator.process_index))
-        raise DistrnnError(f"the training loss became {float(loss)} at step {p.global_step} (epoch {p.epoch + 1}, "
-                           f"batch {p.step_in_epoch}); model and batch saved in {debug}; lower --lr or set "
-                           "optim.grad_clip")
+        torch.save({"model": self.accelerator.unwrap_model(self.model).state_dict(), "loss": loss_value,
+                    "images": batch[0].cpu() if batch else None, "labels": batch[1].cpu() if batch else None,
+                    "global_step": step, "epoch": self.position.epoch + 1, "batch": in_epoch},
+                   self.folder.debug_file(step, self.accelerator.process_index))
+        what = f"the training loss became {loss_value}" if loss_step >= 0 else "the gradients became non-finite"
+        raise DistrnnError(f"{what} at step {step} (epoch {self.position.epoch + 1}, batch {in_epoch}); model and "
+                           f"batch saved in {debug}; lower --lr or set optim.grad_clip")
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -317,6 +343,8 @@ class Trainer:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
             "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
                             if self.accelerator.device.type == "cuda" else None),
+            "grad_scaler_skipped_steps": self.skipped_steps if self.guard.scaler_owns_skips else None,
+            "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
         }
 
     def close(self) -> None:

@@ -74,4 +74,6 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = [line.strip() for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("wandb:")]
     assert len(lines) == 1, lines
+    message = lines[0].split(": error", 1)[-1]
+    assert len(re.sub(r"/[^\s;,)'`]*", "", message)) <= 200, f"longer than ~200 characters (paths aside): {message}"
     return lines[0]

@@ -17,7 +17,7 @@ import click
 import torch
 
 from distrnn.config import build_config
-from distrnn.distributed import agree, make_accelerator, run_worker, teardown
+from distrnn.distributed import agree, from_main, make_accelerator, run_worker, teardown
 from distrnn.errors import DistrnnError
 from distrnn.metrics import exact_accuracy
 from distrnn.mnist import Split
@@ -41,6 +41,8 @@ SCENARIOS = {
     "rank1-error": lambda acc: agree(acc, lambda: fail("rank 1's own problem") if acc.process_index == 1 else None),
     # every rank has the same problem (a shared file): printed once
     "same-error": lambda acc: agree(acc, lambda: fail("the same problem everywhere")),
+    # every rank uses the main process's answer (a shared file system can show ranks different folders)
+    "from-main": lambda acc: print(f"RESULT [{from_main(acc, acc.process_index)}]", flush=True),
     # not a DistrnnError, on the main process only: the others must not wait for the collective timeout
     "main-raises": lambda acc: agree(acc, lambda: {}["missing key"], here=acc.is_main_process),
 }

@@ -61,8 +61,9 @@ def uninterrupted(tmp_path_factory, data_dir):
     return get
 
 
-def interrupt(out: Path, processes: int, data_dir: Path, sig: signal.Signals, at_step: int = 10, *extra: str):
-    proc = start_distrnn(*train_args(out, processes, data_dir, *extra))
+def interrupt(out: Path, processes: int, data_dir: Path, sig: signal.Signals, at_step: int = 10, *extra: str,
+              env: dict[str, str] | None = None):
+    proc = start_distrnn(*train_args(out, processes, data_dir, *extra), env=env)
     wait_for_step(proc, out, at_step)
     os.kill(proc.pid, sig)  # the launcher, as SLURM or a terminal would
     stdout, stderr = proc.communicate(timeout=120)
@@ -99,6 +100,26 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, 
         steps.append([json.loads(r)["history"]["step"]["num"] for r in records if '"type":"history"' in r])
     assert steps[0] and steps[1] and steps[1][0] > steps[0][-1] >= meta["position"]["global_step"] - 2
     assert steps[1][-1] == 2 * STEPS[processes]
+
+
+def test_cudnn_weight_layout_saves_resumes_and_evaluates_like_the_plain_one(tmp_path, data_dir, uninterrupted):
+    """On a GPU every RNN weight is a view of one cuDNN buffer; safetensors kept 1 of the 8 (emulated here)."""
+    reference, reference_stdout = uninterrupted(1)
+    out, cudnn = tmp_path / "run", {"DISTRNN_FAULTS": "cudnn-flat-weights"}
+    code, _, stderr = interrupt(out, 1, data_dir, signal.SIGUSR1, 4, env=cudnn)
+    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    saved = newest_checkpoint(out)
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
+        assert len(list(f.keys())) == 10  # 8 RNN tensors + the head's weight and bias
+    evaluated = distrnn("evaluate", "--checkpoint", str(saved), "--mode", "cpu", "--data-dir", str(data_dir),
+                        "--limit", "500")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    resumed = distrnn(*train_args(out, 1, data_dir), env=cudnn)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bit_identical(out, reference)  # the same training as without the emulated layout
+    assert counts(resumed.stdout) == counts(reference_stdout)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, uninterrupted):

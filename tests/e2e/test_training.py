@@ -97,3 +97,19 @@ def test_evaluation_is_exact_on_an_uneven_subset(smoke_run, data_dir, processes)
     assert result.returncode == 0, result.stderr[-3000:]
     assert counts(result.stdout) == truth
     assert [seen for _, seen in truth] == [1001, 1001]
+
+
+def test_an_fp16_model_is_evaluated_in_fp32_on_a_cpu(smoke_run, data_dir, tmp_path):
+    """A model trained in fp16 on a GPU, evaluated where there is none."""
+    out, _ = smoke_run
+    saved = torch.load(out / "model.pt", weights_only=True)
+    saved["config"]["train"]["precision"] = "fp16"
+    torch.save(saved, tmp_path / "model.pt")
+    args = ["evaluate", "--mode", "cpu", "--data-dir", str(data_dir), "--limit", "1000"]
+    fp16 = distrnn(*args, "--checkpoint", str(tmp_path / "model.pt"))
+    assert fp16.returncode == 0, fp16.stderr[-3000:]
+    assert "note: the model was trained in fp16, which needs a GPU; evaluating in fp32" in fp16.stdout
+    assert counts(fp16.stdout) == counts(distrnn(*args, "--checkpoint", str(out)).stdout)
+    refused = distrnn(*args, "--checkpoint", str(tmp_path / "model.pt"), "--precision", "fp16")
+    assert refused.returncode == 1
+    assert "precision fp16 needs a GPU; on CPU use --precision bf16 or --precision no" in refused.stderr

@@ -111,3 +111,42 @@ def test_finished_run_without_checkpoints_is_guarded_by_its_config_yaml(folder):
     assert checkpoint.check_resume(folder, build_config(overrides=["train.log_every=5"]), None, None, 1) == []
     with pytest.raises(DistrnnError, match=r"holds a finished run with another config \(model.cell: rnn -> gru\)"):
         checkpoint.check_resume(folder, build_config(overrides=["model.cell=gru"]), None, None, 1)
+
+
+def test_tensors_sharing_one_buffer_are_untied_before_saving():
+    """cuDNN's layout: every RNN weight a view of one flat buffer (what save_state dropped 7 of 8 of)."""
+    from collections import OrderedDict
+
+    import torch
+
+    flat = torch.arange(10.0)
+    state = OrderedDict(a=flat[:4], b=flat[4:])
+    weights = [state]
+    checkpoint.untie_weights([], weights, "unused")
+    a, b = weights[0]["a"], weights[0]["b"]
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert torch.equal(a, flat[:4]) and torch.equal(b, flat[4:]) and isinstance(weights[0], OrderedDict)
+
+
+def test_a_checkpoint_missing_a_model_tensor_is_refused(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = folder.checkpoint(5, tmp=True)
+    ckpt.path.mkdir(parents=True)
+    save_file({"fc.weight": torch.zeros(2)}, str(ckpt.weights))
+    checkpoint.check_complete(ckpt, ["fc.weight"])
+    with pytest.raises(DistrnnError, match=r"is incomplete \(2 of 3 model tensors missing, e.g. rnn.a\); it was not "
+                                           r"published and the previous one is intact"):
+        checkpoint.check_complete(ckpt, ["fc.weight", "rnn.a", "rnn.b"])
+
+
+def test_fewer_epochs_than_the_checkpoint_has_begun_is_refused(folder):
+    make(folder, 10)  # epoch 0, 10 steps in: one epoch begun
+    found, _ = checkpoint.find_resume(folder, "auto")
+    meta = checkpoint.read_meta(found)
+    meta["position"]["epoch"] = 2  # two finished, the third begun
+    with pytest.raises(DistrnnError, match=r"is 3 epoch\(s\) in; train.epochs=2 cannot undo that: ask for 3 or "
+                                           r"more, or --resume never"):
+        checkpoint.check_resume(folder, build_config(overrides=["train.epochs=2"]), found, meta, 1)
+    assert checkpoint.check_resume(folder, build_config(overrides=["train.epochs=5"]), found, meta, 1)

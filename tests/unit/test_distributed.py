@@ -54,3 +54,9 @@ def test_an_unexpected_error_on_the_main_process_releases_the_others_at_once():
     left = {int(r): float(s) for r, s in re.findall(r"LEFT rank (\d) after ([\d.]+) s", result.stderr)}
     assert set(left) == {0, 1} and left[1] < 30  # not the 300 s collective timeout
     assert "lost contact" not in result.stderr
+
+
+def test_every_rank_uses_the_main_processs_answer():
+    result = on_ranks(3, "from-main")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"RESULT \[(\d+)\]", result.stdout) == ["0", "0", "0"]

@@ -37,3 +37,71 @@ def test_mode_plans(mode, n, gpus, expected):
 def test_impossible_plans_are_refused(mode, n, gpus, message):
     with pytest.raises(DistrnnError, match=message.replace("(", r"\(").replace(")", r"\)")):
         launcher.plan(mode, n, gpus)
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "cpu_multi.yaml", "gpu.yaml", "ddp.yaml", "multinode.yaml"])
+def test_every_launch_config_keeps_the_callers_cuda_visible_devices(name, monkeypatch):
+    """The environment accelerate's launcher builds for the workers, from each shipped launch config."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what the user, or SLURM's cgroup, chose
+    extra = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"] if name == "multinode.yaml" else []
+    args = launch_command_parser().parse_args(["--config_file", str(launcher.launch_config(name)), *extra,
+                                               "-m", "distrnn.train"])
+    args, *_ = _validate_launch_command(args)
+    if args.multi_gpu:
+        env = prepare_multi_gpu_env(args)
+    else:
+        _, env = prepare_simple_launcher_cmd_env(args)
+    assert env.get("CUDA_VISIBLE_DEVICES", "3") == "3"
+
+
+@pytest.mark.parametrize("env, gpus, refused", [
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, 0, True),  # allocated, but this torch sees none
+    ({"SLURM_JOB_GPUS": "2"}, 0, True),
+    ({"SLURM_GPUS_ON_NODE": "4"}, 0, True),
+    ({"CUDA_VISIBLE_DEVICES": ""}, 0, False),  # the caller hid every GPU on purpose
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, 0, False),
+    ({"SLURM_GPUS_ON_NODE": "0"}, 0, False),
+    ({}, 0, False),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, 1, False),
+])
+def test_auto_mode_refuses_to_fall_back_to_cpu_when_gpus_were_allocated(env, gpus, refused, monkeypatch):
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if refused:
+        with pytest.raises(DistrnnError, match=r"GPUs were allocated \(.*\) but torch .* sees none \(driver: .*\); "
+                                               r"install a torch built for this driver and GPU, or use --mode cpu"):
+            launcher.plan("auto", None, gpus)
+    else:
+        launcher.plan("auto", None, gpus)
+    launcher.plan("cpu", None, gpus)  # --mode cpu never asks
+
+
+def test_the_accelerate_internals_the_launcher_relies_on_still_work():
+    """distrnn's launcher passes --signals-to-handle to torchrun through accelerate's private
+    _filter_args (torchrun's agent would otherwise kill the workers at once on SIGTERM)."""
+    import accelerate
+    import torch.distributed.run as torchrun
+
+    from distrnn.preemption import AGENT_SIGNALS
+
+    hint = (f"accelerate {accelerate.__version__} changed an internal distrnn/launcher.py relies on; use the tested "
+            "accelerate 1.15.x (pyproject.toml) or adapt the launcher")
+    try:
+        from accelerate.commands.launch import _filter_args, launch_command_parser
+
+        plan = launcher.plan("cpu", 2, gpus=0)
+        args = launch_command_parser().parse_args(launcher.accelerate_args(plan, "distrnn.train", ["--config", "smoke"]))
+        args.signals_to_handle = AGENT_SIGNALS
+        args.training_script = "distrnn.train"
+        args.training_script_args = args.training_script_args
+        passed = _filter_args(args, torchrun.get_args_parser(), ["--training_script", args.training_script,
+                                                                 "--training_script_args", args.training_script_args])
+    except Exception as e:
+        pytest.fail(f"{hint} ({type(e).__name__}: {e})")
+    assert getattr(passed, "signals_to_handle", None) == AGENT_SIGNALS, hint
+    assert args.config_file == str(launcher.launch_config("cpu_multi.yaml")) and args.num_processes == 2, hint

@@ -49,3 +49,27 @@ def test_forward_equals_the_seed_formulation():
     out, _ = model.rnn(x.squeeze(1), h0)
     expected = model.fc(out.reshape(4, -1))
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device, enabled, dtype, expected", [
+    ("cuda", True, torch.bfloat16, torch.bfloat16),  # autocast's cuDNN RNN wrapper would run this in fp16
+    ("cuda", True, torch.float16, None),  # fp16: autocast's own path, with the grad scaler
+    ("cuda", False, torch.bfloat16, None),
+    ("cpu", True, torch.bfloat16, None),  # CPU autocast keeps bf16
+])
+def test_bf16_on_cuda_runs_the_rnn_outside_autocast(device, enabled, dtype, expected):
+    from distrnn.model import rnn_dtype_outside_autocast
+
+    assert rnn_dtype_outside_autocast(device, enabled, dtype) == expected
+
+
+def test_rnn_run_by_hand_in_bf16_trains_the_fp32_weights():
+    torch.manual_seed(0)
+    model = StackedRNN(build_config().model)
+    x = torch.rand(4, 28, 28)
+    out = model.recurrent_in(x, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model.recurrent(x), atol=0.02, rtol=0)
+    out.float().sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.rnn.parameters())

@@ -1,0 +1,70 @@
+"""Keeping a non-finite loss from updating the weights, without a host sync per step.
+
+Reading a loss on the host (`if not torch.isfinite(loss)`) every step stops a GPU's queue; so all
+of this stays on the device, and the training loop reads it every CHECK_EVERY steps:
+
+- a non-finite local loss is multiplied by NaN before backward (finite ones by 1.0, exactly), so its
+  gradients are NaN, and DDP's gradient all-reduce spreads them to every rank: every rank sees the
+  same non-finite gradients, with no extra collective;
+- the fused Adam kernel skips its update where `found_inf` is non-zero (GradScaler's protocol), and
+  the flag stays set, so every later update is skipped too: the weights stay those from before the
+  first bad step until the check stops the run.
+With fp16 the grad scaler owns `found_inf` (it skips overflowing steps and lowers its scale); a
+non-finite loss still stops the run at the next check.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from distrnn.loaders import Batch
+
+CHECK_EVERY = 10  # steps between host reads: a stop signal waits at most this many steps
+
+
+class NonFiniteGuard:
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, scaler_owns_skips: bool):
+        self.skip = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_bad_loss_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_bad_grad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.recent: deque[tuple[int, int, Batch]] = deque(maxlen=CHECK_EVERY)
+        self.scaler_owns_skips = scaler_owns_skips
+        if not scaler_owns_skips:
+            optimizer.found_inf = self.skip  # read by the fused Adam step
+
+    def loss_for_backward(self, loss: torch.Tensor, step: int, step_in_epoch: int, batch: Batch) -> torch.Tensor:
+        """`loss`, or NaN when it is not finite (x * 1.0 is x: finite losses train bit-identically)."""
+        value = loss.detach().float()
+        bad = ~torch.isfinite(value)
+        first = bad & (self.first_bad_loss_step < 0)
+        self.first_bad_loss_step = torch.where(first, step, self.first_bad_loss_step)
+        self.first_bad_loss = torch.where(first, value, self.first_bad_loss)
+        self.recent.append((step, step_in_epoch, batch))
+        return loss * torch.where(bad, torch.nan, 1.0).to(loss.dtype)
+
+    def grads_computed(self, grad_norm: torch.Tensor, step: int) -> None:
+        """Mark this and every later update to be skipped once the (all-reduced) gradients are not finite."""
+        bad = ~torch.isfinite(grad_norm)
+        self.first_bad_grad_step = torch.where(bad & (self.first_bad_grad_step < 0), step, self.first_bad_grad_step)
+        self.skip.copy_(torch.maximum(self.skip, bad.float()))
+
+    def flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device: did this rank see a non-finite loss, a non-finite gradient."""
+        return self.first_bad_loss_step >= 0, self.first_bad_grad_step >= 0
+
+    def read(self) -> tuple[int, float, int]:
+        """On the host (a sync): this rank's first non-finite loss (step or -1, value) and first skipped step."""
+        steps = torch.stack([self.first_bad_loss_step, self.first_bad_grad_step]).tolist()
+        return steps[0], float(self.first_bad_loss), steps[1]
+
+    def entry_at(self, step: int) -> tuple[int, Batch] | None:
+        """(batch number in its epoch, the batch) of a recent step."""
+        return next(((in_epoch, batch) for s, in_epoch, batch in self.recent if s == step), None)
+
+
+def total_norm(parameters) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

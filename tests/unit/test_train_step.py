@@ -1,0 +1,110 @@
+"""One worker's training step, in this process: it never waits for the device, and a non-finite loss
+never reaches the weights (real MNIST, one CPU process)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from distrnn.config import build_config
+from distrnn.distributed import make_accelerator, teardown
+from distrnn.errors import DistrnnError
+from distrnn.nonfinite import CHECK_EVERY
+from distrnn.preemption import STOP_SIGNALS, StopFlag
+from distrnn.trainer import Trainer
+
+# The tensor methods that make the host wait for the device (on a GPU) to read a value.
+SYNCS = {"item", "__bool__", "__int__", "__float__", "tolist", "numpy", "__index__", "nonzero"}
+
+
+class SyncCounter(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SYNCS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def trainer(tmp_path, data_dir):
+    from accelerate.state import AcceleratorState
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    cfg = build_config(overrides=["data.train_samples=1280", "data.test_samples=100", "train.batch_size=32",
+                                  f"data.dir={data_dir}", f"train.output_dir={tmp_path / 'run'}", "wandb.enabled=false",
+                                  "train.log_every=1000", "checkpoint.every_steps=null"])
+    accelerator = make_accelerator("no", 0, 300, str(tmp_path))
+    t = Trainer(cfg, accelerator, StopFlag())
+    reduces = []
+    real_reduce = accelerator.reduce
+    accelerator.reduce = lambda *a, **k: reduces.append(1) or real_reduce(*a, **k)
+    t.collectives = reduces
+    t.start_epoch()
+    t.batches = iter(t.epoch_batches())
+    yield t
+    t.close()
+    teardown(accelerator)
+    AcceleratorState._reset_state(True)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_a_training_step_never_waits_for_the_device(trainer):
+    with SyncCounter() as counter:
+        for _ in range(2 * CHECK_EVERY):
+            images, labels = next(trainer.batches)
+            before, collectives = len(counter.calls), len(trainer.collectives)
+            trainer.train_step(images, labels)
+            assert counter.calls[before:] == [] and len(trainer.collectives) == collectives  # the step itself
+            before = len(counter.calls)
+            trainer.after_step()
+            checked = trainer.position.global_step % CHECK_EVERY == 0
+            syncs, reduces = len(counter.calls) - before, len(trainer.collectives) - collectives
+            assert (syncs, reduces) == ((1, 1) if checked else (0, 0)), (trainer.position.global_step, counter.calls)
+
+
+def test_a_nonfinite_loss_never_reaches_the_weights_and_stops_the_run_at_the_next_check(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.train_step(*next(trainer.batches))
+    trainer.after_step()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    images, labels = next(trainer.batches)
+    images = images.clone()
+    images[0, 3, 5] = float("nan")
+    trainer.train_step(images, labels)  # step 1: the loss is nan
+    for _ in range(3):  # the next steps are finite, but the run is already condemned: nothing is applied
+        trainer.train_step(*next(trainer.batches))
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    with pytest.raises(DistrnnError, match=r"^the training loss became nan at step 1 \(epoch 1, batch 1\); model and "
+                                           r"batch saved in .*/debug; lower --lr or set optim.grad_clip$"):
+        trainer.check_health()
+    saved = torch.load(trainer.folder.debug_file(1, 0), weights_only=True, map_location="cpu")
+    assert torch.isnan(saved["images"]).any() and torch.equal(saved["labels"], labels.cpu())
+    assert all(torch.equal(before[name].cpu(), t) for name, t in saved["model"].items())
+
+
+def test_finite_steps_train_exactly_as_a_plain_adam_loop(trainer):
+    """The guard costs nothing in exactness: x * 1.0 is x, and a fused Adam step with found_inf = 0 is a step."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    plain = StackedRNNCopy(model)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=trainer.cfg.optim.lr, fused=True)
+    for _ in range(5):
+        images, labels = next(trainer.batches)
+        trainer.train_step(images, labels)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(plain(images), labels).backward()
+        optimizer.step()
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def StackedRNNCopy(model):
+    import copy
+
+    return copy.deepcopy(model)
