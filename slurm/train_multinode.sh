@@ -3,7 +3,7 @@
 # launcher with launch/multinode.yaml) for its node's GPUs; together they form one process group.
 #
 #   mkdir -p logs && sbatch --nodes=4 slurm/train_multinode.sh --config configs/default.yaml
-#   DISTRNN_MODE=cpu sbatch --gres=none --nodes=2 slurm/train_multinode.sh --config configs/smoke.yaml
+#   DISTRNN_MODE=cpu sbatch --gres=none --cpus-per-task=2 --nodes=2 slurm/train_multinode.sh --config smoke
 #
 # The same variables as slurm/train.sh (DISTRNN_MODE, DISTRNN_NUM_PROCESSES per node, DISTRNN_VENV,
 # DISTRNN_SETUP, DISTRNN_OUTPUT_DIR on a file system all nodes share, DISTRNN_DATA_DIR, WANDB_MODE),
@@ -12,6 +12,7 @@
 #SBATCH --job-name=distrnn-multinode
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
+# A GPU node's CPUs and GPUs: on a CPU-only node, ask for what it has (sbatch --gres=none --cpus-per-task=2).
 #SBATCH --gres=gpu:4
 #SBATCH --cpus-per-task=16
 #SBATCH --time=02:00:00
@@ -37,7 +38,12 @@ port=$((20000 + SLURM_JOB_ID % 20000))  # derived from the job id: two jobs on o
 echo "head node $head_node ($head_addr), port $port, $SLURM_NNODES nodes"
 
 # Single quotes: SLURM_NODEID is each task's own, expanded inside the task, not by this batch shell.
-run_step srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+# --kill-on-bad-exit=0: after a stop request every rank saves the same checkpoint and exits 75, but not at
+# the same instant; with =1, srun killed the slower node's task on the first 75 and the step ended
+# "Terminated" (3 of 5 preemptions on the test cluster were not requeued). Every task finishing on its
+# own is safe: a rank whose peer died stops within train.collective_timeout_s. srun's exit code is then
+# the highest of the tasks' (75 when the step stopped to be requeued).
+run_step srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c '
     echo "node $(hostname) task $SLURM_PROCID machine rank $SLURM_NODEID"
     exec distrnn train --mode "$0" ${1:+--num-processes "$1"} --num-machines "$SLURM_NNODES" \
         --machine-rank "$SLURM_NODEID" --main-process-ip "$2" --main-process-port "$3" "${@:4}"

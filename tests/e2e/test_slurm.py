@@ -73,14 +73,19 @@ def test_train_sh_runs_the_smoke_config(single_node_job):
     assert json.loads((out / "summary.json").read_text())["test_seen"] == 10_000
 
 
-def test_multinode_script_forms_one_group_across_two_nodes(slurm_env, tmp_path, data_dir):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def multinode_job(slurm_env, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("slurm-mn") / "run"
     # Both test nodes share this machine's 2 cores: one thread per process instead of two each.
     code, job_id = sbatch({**slurm_env, "DISTRNN_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"},
-                          "--job-name=distrnn-mn", "--nodes=2",
-                          "slurm/train_multinode.sh", *SMOKE)
+                          "--job-name=distrnn-mn", "--nodes=2", "slurm/train_multinode.sh", *SMOKE)
     log = job_log("distrnn-mn", job_id)
     assert code == 0, log[-3000:]
+    return out, log
+
+
+def test_multinode_script_forms_one_group_across_two_nodes(multinode_job, data_dir):
+    out, log = multinode_job
     assert "machine rank 0" in log and "machine rank 1" in log
     assert "distrnn: 2 process(es)" in log  # one process on each node, one world of 2
     assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
@@ -91,17 +96,34 @@ def test_multinode_script_forms_one_group_across_two_nodes(slurm_env, tmp_path, 
     assert counts(log)[-2:] == counts(single.stdout)
 
 
+def wait_for_step(env: dict[str, str], job: str, metrics: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())):
+        assert time.monotonic() < deadline, f"step {step} not reached"
+        assert job_state(env, job) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING"), job_state(env, job)
+        time.sleep(0.2)
+
+
+def wait_for_end(env: dict[str, str], job: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_state(env, job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(0.5)
+    return state
+
+
+def preempt(env: dict[str, str], job: str) -> None:
+    """What SLURM does 90 s before the time limit: USR1 to the batch script."""
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+
+
 def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm_env, single_node_job, tmp_path):
     reference_out, reference_log = single_node_job
     out = tmp_path / "run"
     _, job_id = sbatch({**slurm_env, "DISTRNN_OUTPUT_DIR": str(out)}, "--job-name=distrnn-pre", "slurm/train.sh",
                        *SMOKE, "--set", "train.log_every=2", wait=False)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
-        assert time.monotonic() < deadline and job_state(slurm_env, job_id) in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+    wait_for_step(slurm_env, job_id, out / "metrics.jsonl", 4)
+    preempt(slurm_env, job_id)
 
     # The job checkpoints, requeues itself, and runs again once SLURM's requeue delay (the credential
     # lifetime, 10 s on the test cluster) has passed.
@@ -114,3 +136,81 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm_env, sin
     assert "stopped by SIGUSR1" in log and f"requeueing job {job_id}" in log
     assert "restart count 1" in log and "resumed from" in log
     assert counts(log)[-2:] == counts(reference_log)[-2:]  # same final train and test counts
+
+
+def test_a_two_node_job_preempted_five_times_is_requeued_every_time_and_ends_as_if_uninterrupted(
+        slurm_env, multinode_job, tmp_path):
+    """One rank leaves first after each stop; every task finishes before srun judges the step (75)."""
+    _, reference_log = multinode_job
+    out = tmp_path / "run"
+    env = {**slurm_env, "DISTRNN_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
+    _, job = sbatch(env, "--job-name=distrnn-mnpre", "--nodes=2", "slurm/train_multinode.sh", *SMOKE,
+                    "--set", "train.log_every=2", "--set", "checkpoint.every_steps=10", wait=False)
+    metrics, stopped_at = out / "metrics.jsonl", 0
+    for attempt in range(5):
+        wait_for_step(env, job, metrics, stopped_at + 2)
+        preempt(env, job)
+        deadline = time.monotonic() + 300
+        while f"restart count {attempt + 1}" not in (log := job_log("distrnn-mnpre", job)):
+            assert "FAILED" not in job_state(env, job) and time.monotonic() < deadline, log[-3000:]
+            time.sleep(0.5)
+        stopped_at = max(int(m) for m in re.findall(r"stopped by SIGUSR1 at step (\d+)", log))
+    assert wait_for_end(env, job) == "COMPLETED", job_log("distrnn-mnpre", job)[-3000:]
+    log = job_log("distrnn-mnpre", job)
+    assert log.count(f"requeueing job {job}") == 5 and log.count("resumed from") == 5
+    assert counts(log)[-2:] == counts(reference_log)[-2:]  # the same final train and test counts
+
+
+def test_requeues_stop_at_the_cap(slurm_env, tmp_path):
+    out = tmp_path / "run"
+    env = {**slurm_env, "DISTRNN_OUTPUT_DIR": str(out), "DISTRNN_MAX_REQUEUES": "0"}
+    _, job = sbatch(env, "--job-name=distrnn-cap", "slurm/train.sh", *SMOKE, "--set", "train.log_every=2", wait=False)
+    wait_for_step(env, job, out / "metrics.jsonl", 4)
+    preempt(env, job)
+    assert wait_for_end(env, job) == "FAILED"
+    log = job_log("distrnn-cap", job)
+    assert f"distrnn: job {job} was requeued 0 times (DISTRNN_MAX_REQUEUES=0); not again: its checkpoint resumes with " \
+           f"DISTRNN_OUTPUT_DIR={out} sbatch ..." in log
+    assert "requeueing" not in log and "restart count 1" not in log
+
+
+def test_in_a_job_array_only_the_preempted_task_is_requeued_and_each_task_has_its_run_folder(slurm_env):
+    name = f"distrnn-arr{os.getpid()}"
+    env = {k: v for k, v in slurm_env.items() if k != "DISTRNN_OUTPUT_DIR"}  # the default, per task
+    _, array = sbatch(env, f"--job-name={name}", "--array=0-2", "--output=logs/%x-%A_%a.out", "slurm/train.sh",
+                      *SMOKE, "--set", "data.train_samples=4000", "--set", "train.log_every=2", wait=False)
+    folders = [REPO / "runs" / f"{name}-{array}_{task}" for task in range(3)]
+    try:
+        wait_for_step(env, f"{array}_1", folders[1] / "metrics.jsonl", 4)
+        preempt(env, f"{array}_1")
+        for task in range(3):
+            assert wait_for_end(env, f"{array}_{task}") == "COMPLETED"
+        logs = [(REPO / "logs" / f"{name}-{array}_{task}.out").read_text() for task in range(3)]
+        assert f"requeueing job {array}_1" in logs[1] and "restart count 1" in logs[1] and "resumed from" in logs[1]
+        for task in (0, 2):
+            assert "restart count 1" not in logs[task] and "requeueing" not in logs[task]
+        for folder in folders:
+            assert json.loads((folder / "summary.json").read_text())["train_seen"] == 4000
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_readme_cpu_examples_run_as_written_on_a_two_cpu_node(slurm_env):
+    """The #SBATCH lines ask for a GPU node's CPUs; the README's CPU examples ask for what the node has."""
+    readme = (REPO / "README.md").read_text()
+    examples = re.findall(r"^(DISTRNN_MODE=cpu sbatch .*?)\s*(?:#.*)?$", readme, re.M)
+    assert len(examples) == 2, examples
+    for example in examples:
+        submitted = subprocess.run(["bash", "-c", example], cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"},
+                                   capture_output=True, text=True, timeout=60)
+        job = submitted.stdout.split()[-1]
+        assert submitted.returncode == 0 and job.isdigit(), submitted.stderr
+        try:
+            assert wait_for_end(slurm_env, job) == "COMPLETED"
+            log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
+            assert "2 CPU(s) per task" in log and [n for _, n in counts(log)[-2:]] == [10_000, 10_000]
+            assert "threads each" in log
+        finally:
+            for folder in (REPO / "runs").glob(f"*-{job}"):
+                shutil.rmtree(folder, ignore_errors=True)
