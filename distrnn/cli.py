@@ -28,7 +28,22 @@ processes_option = click.option(
 )
 
 
-@click.group(context_settings=_CONTEXT)
+class Commands(click.Group):
+    """The tools after training are imported when named: `distrnn train` does not pay for matplotlib
+    (report) or onnx (export)."""
+
+    TOOLS = {"predict": "distrnn.predict", "export": "distrnn.export", "report": "distrnn.report"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *self.TOOLS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.TOOLS:
+            return importlib.import_module(self.TOOLS[name]).command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=Commands, context_settings=_CONTEXT)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (or DISTRNN_DEBUG=1).")
 def main(debug: bool) -> None:
     """Train a stacked RNN on MNIST on a CPU, one GPU, DDP or SLURM, with exact global accuracy."""

@@ -22,12 +22,14 @@ from distrnn.mnist import Split
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def eval_batches(split: Split, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
-    """This rank's disjoint, unpadded shard, in order: counts summed over ranks are exact."""
+def eval_batches(split: Split, batch_size: int, rank: int,
+                 world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, images, labels) of this rank's disjoint, unpadded shard, in order: counts summed over
+    ranks are exact."""
     r = shard_indices(len(split), rank, world_size)
     index = torch.arange(len(r), device=split.labels.device) * r.step + r.start  # empty when rank >= len(split)
     for i in range(0, len(index), batch_size):
-        yield split.batch(index[i : i + batch_size])
+        yield index[i : i + batch_size], *split.batch(index[i : i + batch_size])
 
 
 class MemoryLoader:

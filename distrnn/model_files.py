@@ -16,20 +16,31 @@ from distrnn.errors import DistrnnError
 from distrnn.model import StackedRNN
 from distrnn.run_folder import CheckpointFolder, RunFolder
 
+CONFIG_KEY = "distrnn_config"  # model.safetensors metadata: the resolved config, as JSON
 
-def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
-    """Weights plus the resolved config (what `distrnn evaluate` reads)."""
-    torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}, "config": config}, path)
+
+def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], folder: RunFolder) -> None:
+    """Weights plus the resolved config, twice: model.pt (what `distrnn evaluate` reads) and
+    model.safetensors (no pickle; the config in its metadata, for tools other than distrnn)."""
+    from safetensors.torch import save_file
+
+    # Copies with their own storage: on a GPU the RNN's weights are views of one cuDNN buffer.
+    weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state.items()}
+    torch.save({"model": weights, "config": config}, folder.model)
+    save_file(weights, str(folder.model_safetensors), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
 
 
 def load_model(source: str | Path) -> tuple[StackedRNN, Config]:
-    """A run folder (its model.pt), a model.pt file, or a checkpoints/step-* folder."""
+    """A run folder (its model.pt, or model.safetensors), either file, or a checkpoints/step-* folder."""
     path = Path(source)
     checkpoint = CheckpointFolder(path)
     if checkpoint.meta.is_file():
         return _load_checkpoint(checkpoint)
     if path.is_dir():
-        path = RunFolder(path).model
+        folder = RunFolder(path)
+        path = folder.model if folder.model.is_file() or not folder.model_safetensors.is_file() else folder.model_safetensors
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_safetensors(path)
     if not path.is_file():
         raise DistrnnError(f"no saved model at '{source}'; pass a run folder holding {RunFolder('.').model.name}, "
                            "the file itself, or a checkpoints/step-* folder")
@@ -37,6 +48,18 @@ def load_model(source: str | Path) -> tuple[StackedRNN, Config]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state, stored = saved["model"], saved["config"]
     except Exception as e:  # a torn or foreign file: say which, not a traceback
+        raise DistrnnError(f"'{path}' is not a distrnn model file ({type(e).__name__}: {e})") from None
+    return rebuild(state, stored, path)
+
+
+def _load_safetensors(path: Path) -> tuple[StackedRNN, Config]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads(f.metadata()[CONFIG_KEY])
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
         raise DistrnnError(f"'{path}' is not a distrnn model file ({type(e).__name__}: {e})") from None
     return rebuild(state, stored, path)
 

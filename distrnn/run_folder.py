@@ -3,6 +3,8 @@
     RUN/config.yaml          the resolved config
     RUN/metrics.jsonl        every logged metric, one JSON object a line
     RUN/model.pt             final weights + config (what `distrnn evaluate` reads)
+    RUN/model.safetensors    the same without pickle; the config in its metadata
+    RUN/confusion.png, .csv  the final test confusion matrix; RUN/errors.png the most confident mistakes
     RUN/summary.json         final counts, accuracy, time; its presence means "finished"
     RUN/checkpoints/step-N/  accelerate's save_state + meta.json; .tmp-step-N while being written
     RUN/debug/               what a non-finite loss left behind
@@ -64,6 +66,23 @@ class RunFolder:
     @property
     def model(self) -> Path:
         return self.root / "model.pt"
+
+    @property
+    def model_safetensors(self) -> Path:
+        """The same weights without pickle, the resolved config in the safetensors metadata."""
+        return self.root / "model.safetensors"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.root / "confusion.png"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.root / "confusion.csv"
+
+    @property
+    def errors_png(self) -> Path:
+        return self.root / "errors.png"
 
     @property
     def summary(self) -> Path:

@@ -116,6 +116,26 @@ class RunLog:
                 self.accelerator.trackers = []
                 self.warn(f"W&B logging failed ({type(e).__name__}: {e}); continuing without W&B")
 
+    def results(self, test: Any, mistakes: list[tuple[Any, Any]], folder: RunFolder, step: int) -> None:
+        """The final test confusion matrix (W&B's confusion-matrix chart, built from the exact counts, the
+        table wandb.plot.confusion_matrix makes from per-sample lists) and a table of the mistakes."""
+        if not (self.main and self.wandb_run is not None and self.accelerator.trackers):
+            return
+        import wandb
+
+        cells = [[str(t), str(p), n] for t, row in enumerate(test.confusion) for p, n in enumerate(row)]
+        chart = wandb.plot_table("wandb/confusion_matrix/v1", wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
+                                                                          data=cells),
+                                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                                 {"title": "test confusion matrix"})
+        rows = [[wandb.Image(pixels), m.label, m.prediction, m.probability] for pixels, m in mistakes]
+        try:
+            self.accelerator.log({"test/confusion_matrix": chart, "test/confusion": wandb.Image(str(folder.confusion_png)),
+                                  "test/mistakes": wandb.Table(columns=["image", "true", "predicted", "probability"],
+                                                               data=rows)}, step=step)
+        except Exception as e:
+            self.warn(f"W&B could not log the result tables ({type(e).__name__}: {first_line(e)})")
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.main and self.wandb_run is not None and self.accelerator.trackers:
             try:

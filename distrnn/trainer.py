@@ -21,16 +21,18 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from distrnn import checkpoint, faults, loaders
+from distrnn import checkpoint, faults, figures, loaders
 from distrnn.checkpoint import Position
 from distrnn.config import Config
 from distrnn.distributed import agree, dist_mean, dist_sum, from_main, main_print
 from distrnn.errors import DistrnnError
-from distrnn.metrics import Accuracy, exact_accuracy
+from distrnn.metrics import Evaluation, Mistake, evaluate_with_mistakes, exact_accuracy
 from distrnn.mnist import Split, load_split
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.model_files import save_model
 from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, total_norm
+
+MISTAKES = 25  # the most confident mistakes of the final test evaluation kept for errors.png and W&B (a 5x5 grid)
 from distrnn.preemption import Preempted, StopFlag
 from distrnn.run_folder import RunFolder
 from distrnn.tracking import RunLog
@@ -44,6 +46,10 @@ class Clock:
 
     def start(self) -> None:
         self._since = time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds so far, including the stretch in progress."""
+        return self.seconds + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
     def stop(self) -> None:
         if self._since is not None:
@@ -89,9 +95,10 @@ class Trainer:
         self.loader = self._make_loader()
         self.scheduler = self._make_scheduler()
         self.position = self._restore(resume_from, meta)
-        self.clock = Clock(self.position.train_seconds)
+        self.clock, self.epoch_clock = Clock(self.position.train_seconds), Clock()
         self.samples_per_step = cfg.train.batch_size * accelerator.num_processes
-        self.last_test: Accuracy | None = None
+        self.last_test: Evaluation | None = None
+        self.mistakes: list[Mistake] = []
         self.skipped_steps = 0  # updates the fp16 grad scaler skipped (overflow), since this start
 
     # --- set-up -------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ class Trainer:
         self.epoch_clock.stop()
         correct, seen = dist_sum(self.accelerator, int(self.running_correct), self.running_seen)
         epoch = self.position.epoch
-        test = self.evaluate(epoch + 1)
+        test = self.evaluate(epoch + 1, mistakes=MISTAKES if epoch + 1 == self.cfg.train.epochs else 0)
         self.log.log({"train/epoch_samples_per_s": self.throughput(),
                       "train/running_accuracy": 100.0 * correct / max(seen, 1)}, self.position.global_step)
         self.say(f"epoch {epoch + 1}/{self.cfg.train.epochs}: test {test.correct} / {test.seen} ({test.percent:.2f}%), "
@@ -267,18 +274,24 @@ class Trainer:
             self.say(f"epoch {epoch}/{self.cfg.train.epochs} step {self.position.global_step}: loss {mean_loss:.4f}, "
                      f"{throughput:.0f} samples/s")
         self.log.log({"train/loss": mean_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
-                      "train/samples_per_s": throughput, "epoch": epoch}, self.position.global_step)
+                      "train/samples_per_s": throughput, "train/seconds": self.clock.now(), "epoch": epoch},
+                     self.position.global_step)
 
-    def evaluate(self, epoch_progress: float) -> Accuracy:
-        """Exact test accuracy, recorded against the training time so far (evaluation not counted)."""
+    def evaluate(self, epoch_progress: float, mistakes: int = 0) -> Evaluation:
+        """Exact test accuracy, recorded against the training time so far (evaluation not counted); with
+        `mistakes`, the most confident wrong predictions too (the final evaluation)."""
         with self.clock.paused(), self.epoch_clock.paused():
-            accuracy = exact_accuracy(self.accelerator, self.model, self.test_set, self.cfg.train.eval_batch_size)
+            if mistakes:
+                evaluation, self.mistakes = evaluate_with_mistakes(self.accelerator, self.model, self.test_set,
+                                                                   self.cfg.train.eval_batch_size, mistakes)
+            else:
+                evaluation = exact_accuracy(self.accelerator, self.model, self.test_set, self.cfg.train.eval_batch_size)
         self.position.history.append({"epoch": round(epoch_progress, 3), "step": self.position.global_step,
-                                      "test_accuracy": accuracy.percent, "train_seconds": self.clock.seconds})
-        self.log.log({"test/accuracy": accuracy.percent, "test/correct": accuracy.correct, "test/seen": accuracy.seen,
-                      "epoch": epoch_progress}, self.position.global_step)
-        self.last_test = accuracy
-        return accuracy
+                                      "test_accuracy": evaluation.percent, "train_seconds": self.clock.seconds})
+        self.log.log({"test/accuracy": evaluation.percent, "test/correct": evaluation.correct,
+                      "test/seen": evaluation.seen, "epoch": epoch_progress}, self.position.global_step)
+        self.last_test = evaluation
+        return evaluation
 
     def save_checkpoint(self):
         with self.clock.paused(), self.epoch_clock.paused():
@@ -312,8 +325,9 @@ class Trainer:
     # --- the end ------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        test = self.last_test or exact_accuracy(self.accelerator, self.model, self.test_set,
-                                                self.cfg.train.eval_batch_size)  # resumed from a finished run
+        if self.last_test is None:  # resumed from a finished run: nothing was trained or evaluated yet
+            self.evaluate(self.position.epoch, mistakes=MISTAKES)
+        test = self.last_test
         train_split = self.train_set.first(self.cfg.data.train_samples).to(self.accelerator.device)
         train_acc = exact_accuracy(self.accelerator, self.model, train_split, self.cfg.train.eval_batch_size)
         for label, accuracy in [("training", train_acc), ("test", test)]:
@@ -324,15 +338,18 @@ class Trainer:
                      self.position.global_step)
         self.log.summary(summary)
         state = self.accelerator.get_state_dict(self.model)
+        pictures = [(self.test_set.images[m.index].cpu().numpy(), m) for m in self.mistakes]
 
         def write() -> None:
-            save_model(state, self.cfg.to_dict(), self.folder.model)
+            save_model(state, self.cfg.to_dict(), self.folder)
+            figures.write_results(self.folder, test, pictures)
+            self.log.results(test, pictures, self.folder, self.position.global_step)
             self.folder.summary.write_text(json.dumps({**summary, "history": self.position.history}, indent=2) + "\n")
 
         agree(self.accelerator, write, here=self.accelerator.is_main_process)
         return summary
 
-    def summary(self, train_acc: Accuracy, test: Accuracy) -> dict[str, Any]:
+    def summary(self, train_acc: Evaluation, test: Evaluation) -> dict[str, Any]:
         seconds = self.clock.seconds
         return {
             "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
@@ -345,6 +362,7 @@ class Trainer:
                             if self.accelerator.device.type == "cuda" else None),
             "grad_scaler_skipped_steps": self.skipped_steps if self.guard.scaler_owns_skips else None,
             "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
+            "test_per_class": test.per_class(), "test_confusion": [list(row) for row in test.confusion],
         }
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from distrnn.config import build_config
 from distrnn.distributed import agree, from_main, make_accelerator, run_worker, teardown
 from distrnn.errors import DistrnnError
-from distrnn.metrics import exact_accuracy
+from distrnn.metrics import evaluate_with_mistakes
 from distrnn.mnist import Split
 from distrnn.model import StackedRNN
 
@@ -57,8 +57,10 @@ def main(scenario: str) -> None:
     try:
         if scenario == "exact":
             model, split = tiny_model_and_data()
-            accuracy = exact_accuracy(accelerator, model, split, batch_size=64)
-            print("RESULT " + json.dumps([accuracy.correct, accuracy.seen]), flush=True)
+            evaluation, mistakes = evaluate_with_mistakes(accelerator, model, split, batch_size=64, keep=7)
+            print("RESULT " + json.dumps({"counts": [evaluation.correct, evaluation.seen],
+                                          "confusion": evaluation.confusion,
+                                          "mistakes": [[m.index, m.prediction] for m in mistakes]}), flush=True)
         else:
             SCENARIOS[scenario](accelerator)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 
@@ -113,3 +114,55 @@ def test_an_fp16_model_is_evaluated_in_fp32_on_a_cpu(smoke_run, data_dir, tmp_pa
     refused = distrnn(*args, "--checkpoint", str(tmp_path / "model.pt"), "--precision", "fp16")
     assert refused.returncode == 1
     assert "precision fp16 needs a GPU; on CPU use --precision bf16 or --precision no" in refused.stderr
+
+
+def test_the_run_folder_holds_the_exact_confusion_matrix_and_its_pictures(smoke_run):
+    out, _ = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    confusion = summary["test_confusion"]
+    assert sum(confusion[i][i] for i in range(10)) == summary["test_correct"]  # trace = correct
+    assert sum(map(sum, confusion)) == summary["test_seen"] == 10_000  # sum = seen, no padding
+    per_class = summary["test_per_class"]
+    assert [c["support"] for c in per_class] == [sum(row) for row in confusion]
+    assert [c["correct"] for c in per_class] == [confusion[d][d] for d in range(10)]
+    with (out / "confusion.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert [[int(v) for v in row[1:]] for row in rows[1:]] == confusion
+    from PIL import Image
+
+    assert Image.open(out / "confusion.png").size == (520, 544)
+    assert 10_000 - summary["test_correct"] >= 25  # a smoke model: a full 5 x 5 grid of mistakes
+    assert Image.open(out / "errors.png").size == (5 * 128 + 16, 5 * 140 + 8)
+
+
+def test_model_safetensors_holds_the_weights_and_config_without_pickle(smoke_run, data_dir):
+    out, _ = smoke_run
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        config = json.loads(f.metadata()["distrnn_config"])
+        weights = {name: f.get_tensor(name) for name in f.keys()}
+    pickled = torch.load(out / "model.pt", weights_only=True)
+    assert config == pickled["config"]
+    assert weights.keys() == pickled["model"].keys()
+    assert all(torch.equal(weights[name], pickled["model"][name]) for name in weights)
+    args = ["evaluate", "--mode", "cpu", "--data-dir", str(data_dir), "--limit", "2000"]
+    assert counts(distrnn(*args, "--checkpoint", str(out / "model.safetensors")).stdout) == \
+        counts(distrnn(*args, "--checkpoint", str(out)).stdout)
+
+
+def test_wandb_holds_the_confusion_matrix_and_the_mistakes(smoke_run):
+    out, _ = smoke_run
+    [run] = sorted((out / "wandb").glob("offline-run-*"))
+    inspected = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(run)],
+                               capture_output=True, text=True, timeout=120)
+    summary, confusion = json.loads(inspected.stdout)["summary"], json.loads((out / "summary.json").read_text())
+    chart = json.loads((run / "files" / summary["test/confusion_matrix_table"]["path"]).read_text())
+    assert chart["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert {(int(a), int(p)): n for a, p, n in chart["data"]} == {
+        (a, p): n for a, row in enumerate(confusion["test_confusion"]) for p, n in enumerate(row)}
+    mistakes = json.loads((run / "files" / summary["test/mistakes"]["path"]).read_text())
+    assert mistakes["columns"] == ["image", "true", "predicted", "probability"]
+    assert len(mistakes["data"]) == min(25, 10_000 - confusion["test_correct"])
+    assert all(t != p and 0 < prob <= 1 for _, t, p, prob in mistakes["data"])
+    assert summary["test/confusion"]["_type"] == "image-file"

@@ -8,8 +8,6 @@ import re
 import pytest
 import torch
 
-from distrnn.loaders import eval_batches
-from distrnn.metrics import count_correct
 from tests.helpers import BIN, REPO, run
 from tests.ranks import tiny_model_and_data
 
@@ -24,14 +22,21 @@ def errors(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3])
-def test_exact_accuracy_is_the_same_at_any_world_size(processes):
+def test_confusion_matrix_and_mistakes_are_the_same_at_any_world_size(processes):
+    """On the same weights: the same matrix (trace = correct, sum = seen), the same 7 most confident
+    mistakes, on every rank, for 1001 images that no world size divides evenly."""
     model, split = tiny_model_and_data()
-    truth = count_correct(model, eval_batches(split, 1001, 0, 1))
-    assert truth[1] == 1001
+    with torch.no_grad():
+        logits = model(split.images.float() / 255)
+    predictions, probabilities = logits.argmax(1), logits.softmax(1).max(1).values
+    confusion = [[int(((split.labels == t) & (predictions == p)).sum()) for p in range(10)] for t in range(10)]
+    wrong = [(float(probabilities[i]), i) for i in range(len(split)) if predictions[i] != split.labels[i]]
+    truth = {"counts": [sum(confusion[i][i] for i in range(10)), 1001], "confusion": confusion,
+             "mistakes": [[i, int(predictions[i])] for _, i in sorted(wrong, reverse=True)[:7]]}
     result = on_ranks(processes, "exact")
     assert result.returncode == 0, result.stderr[-3000:]
-    got = [tuple(json.loads(r)) for r in re.findall(r"RESULT (\[\d+, \d+\])", result.stdout)]  # ranks interleave
-    assert got == [truth] * processes  # every rank holds the global counts
+    got = [json.loads(r) for r in re.findall(r"RESULT (\{.*?\]\]\})", result.stdout)]  # ranks interleave lines
+    assert len(got) == processes and all(g == truth for g in got)
 
 
 def test_an_error_on_rank_1_only_is_printed_by_rank_1_naming_it():

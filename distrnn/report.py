@@ -1,0 +1,302 @@
+"""`distrnn report RUN [RUN ...]`: compare finished runs in one PNG and one Markdown table.
+
+Reads only what a run folder already holds (metrics.jsonl, summary.json), so it works offline and
+without W&B. Four panels: training loss against step and against training time, test accuracy against
+step and against training time; one colour per run in every panel, named by its folder.
+
+Where the numbers come from, and why:
+- loss: the train/loss lines of metrics.jsonl. Their "time" field is wall clock (evaluations,
+  checkpoints and any gap before a resume included), so loss is put against training time only where
+  the line carries train/seconds; a run without it is drawn against step alone, and we say so.
+- test accuracy: summary.json's "history", which the trainer keeps in its checkpoints, so a resumed
+  run has each evaluation once and with its training time (metrics.jsonl would repeat the redone ones).
+
+matplotlib is imported inside the command: importing this module (as the `distrnn` entry point does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from distrnn.errors import DistrnnError, first_line
+from distrnn.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+FIGURE_INCHES, DPI = (12.0, 9.0), 100
+PIXELS = (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI))  # (width, height) of the PNG
+TIME_METRIC = "train/seconds"
+# What the table needs from summary.json; a summary without one of them is refused by name.
+SUMMARY_KEYS = ("steps", "train_seconds", "samples_per_s", "test_accuracy", "test_correct", "test_seen",
+                "train_accuracy", "train_correct", "train_seen")
+
+
+@dataclass
+class LossPoint:
+    step: int
+    loss: float
+    seconds: float | None  # training time so far; None in metrics written before train/seconds existed
+
+
+@dataclass
+class Run:
+    folder: RunFolder
+    summary: dict[str, Any]
+    loss: list[LossPoint]
+    label: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def timed_loss(self) -> list[LossPoint]:
+        return [p for p in self.loss if p.seconds is not None]
+
+
+# --- reading a run folder ---------------------------------------------------------------------------
+
+def read_run(path: str | Path) -> Run:
+    """One run folder, or a DistrnnError naming the folder and what is missing or unreadable."""
+    folder = RunFolder(path)
+    if not folder.root.is_dir():
+        what = "is not a folder" if folder.root.exists() else "does not exist"
+        raise DistrnnError(f"run folder {folder.root} {what}; pass the --output-dir of a `distrnn train` run")
+    if not folder.is_finished():
+        raise DistrnnError(f"run folder {folder.root} has no {folder.summary.name}: the run is unfinished or "
+                           "failed; report it once `distrnn train` has finished it")
+    summary = read_summary(folder)
+    history = summary.get("history")
+    return Run(folder, summary, read_loss(folder), history=history if isinstance(history, list) else [])
+
+
+def read_summary(folder: RunFolder) -> dict[str, Any]:
+    try:
+        summary = json.loads(folder.summary.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DistrnnError(f"{folder.summary} is unreadable ({first_line(e, 100)})") from None
+    if not isinstance(summary, dict):
+        raise DistrnnError(f"{folder.summary} is not a distrnn summary (not a JSON object)")
+    missing = [key for key in SUMMARY_KEYS if not _is_number(summary.get(key))]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DistrnnError(f"{folder.summary} lacks numbers for {listed}; was it written by `distrnn train`?")
+    return summary
+
+
+def read_metrics(folder: RunFolder) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl, in file order. A damaged line is refused, not skipped: a silently
+    shortened curve would be compared as if it were whole."""
+    try:
+        lines = folder.metrics.read_text().splitlines()
+    except FileNotFoundError:
+        raise DistrnnError(f"run folder {folder.root} has no {folder.metrics.name}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistrnnError(f"{folder.metrics} is unreadable ({first_line(e, 100)})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise DistrnnError(f"{folder.metrics} is unreadable: line {number} is not a JSON object with a step")
+        records.append(record)
+    return records
+
+
+def read_loss(folder: RunFolder) -> list[LossPoint]:
+    points = [LossPoint(r["step"], float(r["train/loss"]), _seconds(r))
+              for r in read_metrics(folder) if _is_number(r.get("train/loss"))]
+    return latest_attempt(points)
+
+
+def _seconds(record: dict[str, Any]) -> float | None:
+    value = record.get(TIME_METRIC)
+    return float(value) if _is_number(value) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def latest_attempt(points: list[LossPoint]) -> list[LossPoint]:
+    """A resumed run appends to metrics.jsonl and logs again the steps after its checkpoint: a step at or
+    below the last one kept starts a new attempt, which replaces what the interrupted one logged from there."""
+    kept: list[LossPoint] = []
+    for point in points:
+        while kept and kept[-1].step >= point.step:
+            kept.pop()
+        kept.append(point)
+    return kept
+
+
+# --- naming, the table --------------------------------------------------------------------------------
+
+def run_labels(paths: list[str | Path]) -> list[str]:
+    """Each run's folder name; runs whose names collide get more of their path, until they differ."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = [str(Path(*p[-d:])) for p, d in zip(parts, depth)]
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clashes:
+            return labels
+        for i in clashes:
+            depth[i] += 1
+
+
+def evaluations(run: Run) -> list[dict[str, Any]]:
+    """The evaluations of summary.json's history that have a step and an accuracy."""
+    return [h for h in run.history if isinstance(h, dict) and _is_number(h.get("test_accuracy"))
+            and isinstance(h.get("step"), int)]
+
+
+def best_test(run: Run) -> dict[str, Any] | None:
+    """The highest test accuracy during training; the earliest step on a tie."""
+    scored = evaluations(run)
+    return max(scored, key=lambda h: (h["test_accuracy"], -h["step"])) if scored else None
+
+
+def markdown_table(runs: list[Run]) -> str:
+    lines = ["| run | steps | training seconds | samples/s | final test accuracy | train accuracy | "
+             "best test accuracy during training (step) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        s, best = run.summary, best_test(run)
+        cells = [run.label.replace("|", "\\|"), str(s["steps"]), f"{s['train_seconds']:.1f}",
+                 f"{s['samples_per_s']:.0f}",
+                 f"{s['test_accuracy']:.2f}% ({s['test_correct']} / {s['test_seen']})",
+                 f"{s['train_accuracy']:.2f}% ({s['train_correct']} / {s['train_seen']})",
+                 f"{best['test_accuracy']:.2f}% ({best['step']})" if best else "none recorded"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the figure ---------------------------------------------------------------------------------------
+
+def draw(runs: list[Run]) -> Figure:
+    """Four panels, one colour per run (C0, C1, ... cycling after ten runs), one legend for all."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    # No pyplot: no global figure state, no GUI backend, the same PNG on any machine.
+    fig = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    (loss_step, loss_time), (acc_step, acc_time) = fig.subplots(2, 2)
+    for i, run in enumerate(runs):
+        style = {"color": f"C{i % 10}", "label": run.label}
+        _plot(loss_step, [p.step for p in run.loss], [p.loss for p in run.loss], style)
+        _plot(loss_time, [p.seconds for p in run.timed_loss], [p.loss for p in run.timed_loss], style)
+        history = evaluations(run)
+        _plot(acc_step, [h["step"] for h in history], [h["test_accuracy"] for h in history], style, "o")
+        timed = [h for h in history if _is_number(h.get("train_seconds"))]
+        _plot(acc_time, [h["train_seconds"] for h in timed], [h["test_accuracy"] for h in timed], style, "o")
+    _label(loss_step, "training loss against step", "step", "training loss", log=True)
+    _label(loss_time, "training loss against training time", "training time (s)", "training loss", log=True)
+    _label(acc_step, "test accuracy against step", "step", "test accuracy (%)")
+    _label(acc_time, "test accuracy against training time", "training time (s)", "test accuracy (%)")
+    _note_untimed(loss_time, [run.label for run in runs if run.loss and not run.timed_loss])
+    # Built from handles, not from one panel: a run with no loss points is still named.
+    fig.legend(handles=[Line2D([], [], color=f"C{i % 10}", label=run.label) for i, run in enumerate(runs)],
+               loc="outside upper center", ncols=min(len(runs), 4))
+    return fig
+
+
+def _plot(ax: Axes, xs: list, ys: list, style: dict[str, Any], marker: str | None = None) -> None:
+    if xs:  # a lone point needs a marker to be seen at all
+        ax.plot(xs, ys, marker=marker or ("o" if len(xs) == 1 else None), markersize=4, **style)
+
+
+def _label(ax: Axes, title: str, xlabel: str, ylabel: str, log: bool = False) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log and ax.has_data() and all(min(line.get_ydata(), default=1) > 0 for line in ax.get_lines()):
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")  # loss falls over orders of magnitude
+        # 0.2, not 2 x 10^-1; between powers of ten only 2 and 5 are labelled, so labels never overlap
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:e}"[0] in "25" else ""))
+    ax.grid(True, alpha=0.3)
+
+
+def _note_untimed(ax: Axes, labels: list[str]) -> None:
+    """Said in the panel too, so the PNG alone does not suggest those runs are missing by accident."""
+    if labels:
+        text = f"against step only (no {TIME_METRIC} logged): {', '.join(labels)}"
+        ax.text(0.01, 0.01, text[:150], transform=ax.transAxes, fontsize=8, color="0.35", va="bottom")
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+def load_runs(paths: tuple[str, ...]) -> list[Run]:
+    """Every run, labelled, or the first problem; nothing is written unless all of them can be read."""
+    unique: dict[Path, str] = {}
+    for path in paths:  # the same folder given twice is drawn once (its label could never differ)
+        unique.setdefault(Path(path).resolve(), path)
+    runs = [read_run(path) for path in unique.values()]
+    for run, label in zip(runs, run_labels(list(unique.values()))):
+        run.label = label
+    return runs
+
+
+def warn_untimed(runs: list[Run]) -> None:
+    for run in runs:
+        if not run.loss:
+            click.echo(f"warning: {run.label}: no train/loss in {run.folder.metrics.name}; its loss panels are empty",
+                       err=True)
+        elif not run.timed_loss:
+            click.echo(f"warning: {run.label}: {run.folder.metrics.name} has no {TIME_METRIC} (written before distrnn "
+                       "logged training time); its training loss is plotted against step only", err=True)
+        elif len(run.timed_loss) < len(run.loss):
+            click.echo(f"warning: {run.label}: {len(run.loss) - len(run.timed_loss)} of {len(run.loss)} loss points "
+                       f"have no {TIME_METRIC}; only the others are plotted against training time", err=True)
+
+
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as e:
+        raise DistrnnError(f"cannot write {path} ({e.strerror or e}); pass another path") from None
+
+
+@click.command(name="report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.png"),
+              show_default=True, help="The PNG to write (overwritten if it exists).")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the Markdown table to this file.")
+def command(runs: tuple[str, ...], output: Path, markdown: Path | None) -> None:
+    """Compare finished runs: one PNG and a Markdown table.
+
+    RUN is a run folder (the --output-dir of `distrnn train`). The PNG has four panels, training loss
+    and test accuracy against step and against training time, one colour per run; the table of final
+    numbers goes to stdout. An unfinished run (no summary.json) is refused, not skipped: the table
+    needs its final numbers, and a comparison that silently lost a run would mislead. Works offline,
+    without W&B.
+    """
+    loaded = load_runs(runs)
+    try:
+        figure = draw(loaded)
+    except ImportError as e:  # matplotlib is a dev extra, not a training dependency
+        raise DistrnnError(f"`distrnn report` needs matplotlib ({first_line(e, 80)}); pip install matplotlib") from None
+    table = markdown_table(loaded)
+    write_file(output, lambda p: figure.savefig(p, format="png", dpi=DPI))
+    if markdown is not None:
+        write_file(markdown, lambda p: p.write_text(table))
+    warn_untimed(loaded)  # after the writes: a failed write stays the one line printed
+    click.echo(table, nl=False)
+    click.echo(f"wrote {output}" + (f" and {markdown}" if markdown else ""), err=True)

@@ -1,0 +1,162 @@
+"""`distrnn report` on run folders written by hand: known numbers in, the same numbers out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from distrnn import report
+from distrnn.run_folder import RunFolder
+from tests.helpers import one_line_error, run
+
+CLI = "from distrnn.errors import run_cli; from distrnn.report import command; run_cli(command, prog='distrnn report')"
+
+
+def distrnn_report(*args: str | Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-c", CLI, *map(str, args)], timeout=120)
+
+
+def make_run(root: Path, *, steps: int, lr: float, history: list[tuple[int, float, float]], seconds: bool = True,
+             summary: bool = True) -> Path:
+    """A run folder as `distrnn train` leaves it: loss every 10 steps, one test line per evaluation.
+    `history` is (step, test accuracy, training seconds) for each evaluation."""
+    folder = RunFolder(root)
+    folder.root.mkdir(parents=True)
+    lines = [{"step": s, "time": 1e9 + s, "train/loss": 2.3 / (1 + s * lr), "train/lr": lr, "epoch": 1,
+              **({"train/seconds": s * 0.1} if seconds else {})} for s in range(10, steps + 1, 10)]
+    lines += [{"step": s, "time": 1e9 + s, "test/accuracy": a, "test/correct": round(a * 100), "test/seen": 10000}
+              for s, a, _ in history]
+    folder.metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if summary:
+        last = history[-1]
+        folder.summary.write_text(json.dumps({
+            "train_accuracy": 91.25, "train_correct": 1825, "train_seen": 2000, "test_accuracy": last[1],
+            "test_correct": round(last[1] * 100), "test_seen": 10000, "train_seconds": last[2], "steps": steps,
+            "samples_per_s": steps * 64 / last[2], "num_processes": 1,
+            "history": [{"epoch": 1, "step": s, "test_accuracy": a, "train_seconds": t} for s, a, t in history]}))
+    return folder.root
+
+
+@pytest.fixture
+def two_runs(tmp_path) -> tuple[Path, Path]:
+    slow = make_run(tmp_path / "lr-0.001", steps=60, lr=0.001, history=[(30, 85.5, 3.0), (60, 90.12, 6.5)])
+    fast = make_run(tmp_path / "lr-0.002", steps=60, lr=0.002, history=[(30, 93.0, 2.9), (60, 92.34, 6.25)])
+    return slow, fast
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """Run label -> its cells, from the table's data rows (after the header and the --- row)."""
+    rows = [line for line in markdown.splitlines() if line.startswith("|")][2:]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+
+
+def test_writes_a_png_of_the_declared_size(two_runs, tmp_path):
+    png = tmp_path / "out" / "report.png"
+    result = distrnn_report(*two_runs, "--output", png)
+    assert result.returncode == 0, result.stderr
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size == report.PIXELS == (1200, 900)
+        image.verify()  # the whole file decodes, not only its header
+
+
+def test_the_table_has_one_row_per_run_with_its_numbers(two_runs, tmp_path):
+    markdown = tmp_path / "table.md"
+    result = distrnn_report(*two_runs, "--output", tmp_path / "r.png", "--markdown", markdown)
+    assert result.returncode == 0, result.stderr
+    assert markdown.read_text() == result.stdout  # the file holds exactly what was printed
+    rows = table_rows(result.stdout)
+    assert rows == {
+        "lr-0.001": ["60", "6.5", "591", "90.12% (9012 / 10000)", "91.25% (1825 / 2000)", "90.12% (60)"],
+        # its best evaluation was not its last one
+        "lr-0.002": ["60", "6.2", "614", "92.34% (9234 / 10000)", "91.25% (1825 / 2000)", "93.00% (30)"],
+    }
+
+
+def test_the_legend_names_each_run_by_its_folder(two_runs):
+    figure = report.draw(report.load_runs(tuple(map(str, two_runs))))
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["lr-0.001", "lr-0.002"]
+    colours = [tuple(line.get_color() for line in ax.get_lines()) for ax in figure.axes]
+    assert all(c == colours[0] and len(set(c)) == 2 for c in colours), colours  # one colour per run, in every panel
+    assert tuple(handle.get_color() for handle in legend.legend_handles) == colours[0]
+
+
+def test_runs_with_the_same_folder_name_get_enough_of_their_path(tmp_path):
+    history = [(60, 90.0, 6.0)]
+    paths = [make_run(tmp_path / d / "exp" / "run", steps=60, lr=0.001, history=history) for d in ("a", "b")]
+    paths.append(make_run(tmp_path / "c" / "other", steps=60, lr=0.001, history=history))
+    result = distrnn_report(*paths, "--output", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    assert list(table_rows(result.stdout)) == ["a/exp/run", "b/exp/run", "other"]
+
+
+def test_the_panels_plot_the_logged_values(two_runs):
+    runs = report.load_runs(tuple(map(str, two_runs)))
+    loss_step, loss_time, acc_step, acc_time = report.draw(runs).axes
+    assert list(loss_step.get_lines()[0].get_xdata()) == [10, 20, 30, 40, 50, 60]
+    assert list(loss_time.get_lines()[0].get_xdata()) == pytest.approx([1, 2, 3, 4, 5, 6])  # train/seconds
+    assert list(acc_step.get_lines()[1].get_ydata()) == [93.0, 92.34]
+    assert list(acc_time.get_lines()[1].get_xdata()) == [2.9, 6.25]  # history's train_seconds
+
+
+def test_a_run_without_train_seconds_is_plotted_against_step_only(two_runs, tmp_path):
+    old = make_run(tmp_path / "old", steps=60, lr=0.001, history=[(60, 90.0, 6.0)], seconds=False)
+    result = distrnn_report(old, *two_runs, "--output", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "old" in warnings[0] and "train/seconds" in warnings[0], result.stderr
+    runs = report.load_runs(tuple(map(str, [old, *two_runs])))
+    loss_step, loss_time, _, _ = report.draw(runs).axes
+    colours = [line.get_color() for line in loss_step.get_lines()]
+    assert len(colours) == 3 and [line.get_color() for line in loss_time.get_lines()] == colours[1:]  # no time axis
+    # invented for the first run, and the others keep their own colours
+
+
+def test_a_resumed_run_keeps_the_latest_attempt_at_each_step():
+    points = [report.LossPoint(s, float(s), None) for s in (10, 20, 30, 20, 30, 40)]
+    kept = report.latest_attempt(points)
+    assert [p.step for p in kept] == [10, 20, 30, 40] and kept[1] is points[3]
+
+
+def test_a_missing_run_folder_is_one_line(two_runs, tmp_path):
+    missing = tmp_path / "no-such-run"
+    result = distrnn_report(two_runs[0], missing, "--output", tmp_path / "r.png")
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert line.startswith("distrnn report: error:") and str(missing) in line and "does not exist" in line
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_an_unfinished_run_is_refused_in_one_line(two_runs, tmp_path):
+    unfinished = make_run(tmp_path / "run-c", steps=30, lr=0.001, history=[(30, 80.0, 3.0)], summary=False)
+    result = distrnn_report(*two_runs, unfinished, "--output", tmp_path / "r.png")
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert str(unfinished) in line and RunFolder(unfinished).summary.name in line and "is unfinished" in line
+    assert not (tmp_path / "r.png").exists()  # nothing written for a partial comparison
+
+
+def test_an_unreadable_metrics_file_is_one_line(two_runs, tmp_path):
+    metrics = RunFolder(two_runs[1]).metrics
+    metrics.write_text(metrics.read_text() + '{"step": 70, "train/lo\n')
+    line = one_line_error(distrnn_report(*two_runs, "--output", tmp_path / "r.png"))
+    assert str(metrics) in line and "line 9" in line
+    metrics.unlink()
+    line = one_line_error(distrnn_report(*two_runs, "--output", tmp_path / "r.png"))
+    assert str(two_runs[1]) in line and metrics.name in line
+
+
+def test_no_run_is_a_usage_error():
+    result = distrnn_report()
+    assert result.returncode == 2 and "Missing argument" in one_line_error(result)
+
+
+def test_importing_the_module_does_not_import_matplotlib():
+    code = "import sys, distrnn.report; sys.exit('matplotlib' in sys.modules)"
+    assert run([sys.executable, "-c", code]).returncode == 0
