@@ -75,6 +75,9 @@ class DataConfig:
                       "seed's DataLoader + ToTensor, sharded by Accelerate.", resume=MATCH)
     train_samples: int | None = key(None, help="Train on the first N training images; null: all 60000.", resume=MATCH)
     test_samples: int | None = key(None, help="Evaluate on the first N test images; null: all 10000.", resume=FREE)
+    val_samples: int = key(0, help="Hold out N seeded training images, never trained on, for the evaluations during "
+                           "training (test is then evaluated once, at the end); 0: test after each epoch, as the "
+                           "seed does.", resume=MATCH)
     num_workers: int = key(0, help="DataLoader workers per process (torchvision loader).", resume=FREE)
 
 
@@ -89,7 +92,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = key(3, help="Training epochs.", resume=CONSTANT_SCHEDULE)
-    batch_size: int = key(64, help="Batch size per process.", resume=MATCH)
+    batch_size: int = key(64, help="Batch size per process (per accumulation step).", resume=MATCH)
+    grad_accum_steps: int = key(1, help="Batches per optimizer step: global batch = batch_size x processes x this "
+                                "(keep it fixed when the number of processes changes).", resume=MATCH)
     eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
     precision: str = key("no", help="no (fp32), fp16 (GPU only) or bf16.", resume=MATCH)
     tf32: bool = key(False, help="Allow TF32 in fp32 matmuls and cuDNN RNNs on Ampere+ GPUs (faster; a 10-bit "
@@ -100,6 +105,8 @@ class TrainConfig:
     log_every: int = key(50, help="Optimizer steps between loss logs.", resume=FREE)
     eval_every: int | None = key(None, help="Optimizer steps between extra evaluations (besides each epoch end).",
                                  resume=FREE)
+    early_stop_patience: int | None = key(None, help="Stop after N evaluations without a better validation accuracy "
+                                          "(needs data.val_samples); null: never.", resume=FREE)
     output_dir: str = key("runs/default", help="The run folder.", resume=FREE)
     collective_timeout_s: int = key(300, help="A collective waiting longer (a rank died or hangs) ends the run.",
                                     resume=FREE)
@@ -112,6 +119,8 @@ class CheckpointConfig:
     every_steps: int | None = key(500, help="Optimizer steps between checkpoints (also at every epoch end); "
                                   "null: epoch ends only.", resume=FREE)
     keep: int = key(3, help="Newest complete checkpoints kept.", resume=FREE)
+    keep_best: bool = key(False, help="Keep the model with the best validation accuracy in RUN/best/ (needs "
+                          "data.val_samples).", resume=FREE)
 
 
 @dataclass
@@ -124,6 +133,11 @@ class WandbConfig:
 
 
 @dataclass
+class TensorboardConfig:
+    enabled: bool = key(False, help="Log to TensorBoard in RUN/tensorboard/ (pip install tensorboard).", resume=FREE)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -344,6 +359,7 @@ def validate(cfg: Config) -> None:
         ("model.sequence_length", m.sequence_length),
         ("train.epochs", t.epochs),
         ("train.batch_size", t.batch_size),
+        ("train.grad_accum_steps", t.grad_accum_steps),
         ("train.eval_batch_size", t.eval_batch_size),
         ("train.log_every", t.log_every),
         ("train.collective_timeout_s", t.collective_timeout_s),
@@ -370,12 +386,27 @@ def validate(cfg: Config) -> None:
         ("data.test_samples", d.test_samples, MNIST_TEST_SIZE),
     ]:
         _check(value is None or 0 < value <= limit, f"config key '{name}' must be null or 1..{limit}, got {value}")
+    _validate_holdout(cfg)
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
     _check(t.eval_every is None or t.eval_every > 0, f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
     every = cfg.checkpoint.every_steps
     _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")
+
+
+def _validate_holdout(cfg: Config) -> None:
+    """The validation holdout and what needs it."""
+    d, t = cfg.data, cfg.train
+    pool = d.train_samples or MNIST_TRAIN_SIZE
+    _check(0 <= d.val_samples < pool, f"config key 'data.val_samples' must be 0..{pool - 1} (fewer than the training "
+                                      f"images), got {d.val_samples}")
+    patience = t.early_stop_patience
+    _check(patience is None or patience > 0, f"config key 'train.early_stop_patience' must be > 0 or null, got {patience}")
+    _check(patience is None or d.val_samples > 0,
+           "train.early_stop_patience needs a validation holdout: set data.val_samples (e.g. 5000)")
+    _check(not cfg.checkpoint.keep_best or d.val_samples > 0,
+           "checkpoint.keep_best needs a validation holdout: set data.val_samples (e.g. 5000)")
 
 
 # --- resume: one table, used by the resume check and the finished-run guard ---------------------

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 def make_accelerator(precision: str, seed: int, collective_timeout_s: int, project_dir: str,
-                     log_with: list[str] | None = None, tf32: bool = False, deterministic: bool = False) -> Accelerator:
+                     tf32: bool = False, deterministic: bool = False) -> Accelerator:
     """One Accelerator per process; the launcher (ACCELERATE_USE_CPU, torchrun env) picks the device."""
     # NCCL: when a collective fails or outlives the timeout (a rank died or hangs), abort the
     # communicator and end this process (1), instead of ending it with the communicator alive (3,
@@ -32,7 +32,6 @@ def make_accelerator(precision: str, seed: int, collective_timeout_s: int, proje
     set_numerics(tf32, deterministic)
     accelerator = Accelerator(
         mixed_precision=precision,
-        log_with=log_with or None,
         project_dir=project_dir,
         # The schedule's total steps are computed from the per-rank loader, so the
         # scheduler must step once per optimizer step, not once per process.

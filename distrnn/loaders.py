@@ -32,18 +32,28 @@ def eval_batches(split: Split, batch_size: int, rank: int,
         yield index[i : i + batch_size], *split.batch(index[i : i + batch_size])
 
 
+def hold_out(size: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices into a pool of `size`: n drawn with `seed`, never trained on; both
+    in the pool's order, the same on every rank and at every start."""
+    held = torch.zeros(size, dtype=torch.bool)
+    held[torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
 class MemoryLoader:
     """Seeded, sharded batches sliced from tensors on the device.
 
     Written by hand because no library loader keeps the data on the device; it mirrors what
     Accelerate's prepared loader guarantees: the shuffle depends only on (seed, epoch), ranks get
     disjoint slices, and every rank runs the same number of steps (the last round wraps around to
-    the start of the permutation, as even_batches does).
+    the start of the permutation, as even_batches does). With `accumulate` > 1 an epoch is a whole
+    number of optimizer steps of full batches (wrapping around again), so every optimizer step sees
+    exactly batch_size x processes x accumulate samples.
     """
 
-    def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world_size: int, accumulate: int = 1):
         self.split, self.batch_size, self.seed = split, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
         self.epoch = 0
         self.per_rank = math.ceil(len(split) / world_size)
 
@@ -51,7 +61,9 @@ class MemoryLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
+        """Batches an epoch (accumulation steps included)."""
+        batches = math.ceil(self.per_rank / self.batch_size)
+        return batches if self.accumulate == 1 else math.ceil(batches / self.accumulate) * self.accumulate
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in training order."""
@@ -62,7 +74,11 @@ class MemoryLoader:
         return order[self.rank :: self.world_size]
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
-        mine = self.indices().to(self.split.labels.device)
+        mine = self.indices()
+        if self.accumulate > 1:
+            wanted = len(self) * self.batch_size
+            mine = mine.repeat(math.ceil(wanted / len(mine)))[:wanted]
+        mine = mine.to(self.split.labels.device)
         for i in range(skip * self.batch_size, len(mine), self.batch_size):
             yield self.split.batch(mine[i : i + self.batch_size])
 
@@ -70,11 +86,11 @@ class MemoryLoader:
         return self.batches()
 
 
-def torchvision_loader(data_dir: str, train_samples: int | None, batch_size: int, num_workers: int):
-    """The seed's DataLoader (PIL + ToTensor per sample), still to be prepared (sharded) by Accelerate."""
+def torchvision_loader(data_dir: str, indices: list[int], batch_size: int, num_workers: int):
+    """The seed's DataLoader (PIL + ToTensor per sample) over `indices` of the training set, still to be
+    prepared (sharded) by Accelerate."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor(), download=False)
-    n = len(dataset) if train_samples is None else min(train_samples, len(dataset))
-    return DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, num_workers=num_workers)

@@ -6,6 +6,8 @@ A model travels with the resolved config that built it, so evaluating it needs n
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], folder: R
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state.items()}
     torch.save({"model": weights, "config": config}, folder.model)
     save_file(weights, str(folder.model_safetensors), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
+
+
+def save_model_folder(state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+    """save_model into the folder `path`, replacing what is there only once the new files are complete."""
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(state, config, RunFolder(tmp))
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(source: str | Path) -> tuple[StackedRNN, Config]:

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from distrnn.config import PRECISIONS
+from distrnn.errors import ConfigError
 
 # flag name -> config key: typed flags are shorthands for --set KEY=VALUE
 TYPED_FLAGS = {
@@ -26,6 +27,7 @@ TYPED_FLAGS = {
     "lr": "optim.lr",
     "resume": "checkpoint.resume",
 }
+TRACKERS = ("wandb", "tensorboard")
 
 CONFIG_OPTIONS = [
     click.Option(["--config", "config_file"], default=None,
@@ -35,6 +37,8 @@ CONFIG_OPTIONS = [
                  help="Override any config key, e.g. --set model.cell=gru (repeatable; wins over the file)."),
     click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data]."),
     click.Option(["--output-dir"], default=None, help="Run folder: config, metrics, model, W&B run."),
+    click.Option(["--log-with"], default=None, metavar="wandb,tensorboard|none",
+                 help="Trackers to log to, any subset or none [default: wandb]; metrics.jsonl is always written."),
     click.Option(["--wandb/--no-wandb"], default=None, help="Log to Weights & Biases (offline without an API key)."),
     click.Option(["--seed"], type=int, default=None, help="Seed for weights, shuffling and every RNG."),
     click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None,
@@ -45,6 +49,8 @@ CONFIG_OPTIONS = [
     click.Option(["--resume"], default=None, metavar="auto|never|PATH",
                  help="auto: continue from the newest complete checkpoint in the run folder [default]; "
                       "never: start fresh; PATH: a checkpoint or run folder."),
+    # KEY=VALUE without --set, as W&B sweep agents (${args_no_hyphens}) and Hydra users write them.
+    click.Argument(["positional"], nargs=-1, metavar="[KEY=VALUE]..."),
 ]
 
 EVALUATE_OPTIONS = [
@@ -67,14 +73,16 @@ def with_options(options: list[click.Option]) -> Callable[[click.Command], click
     return add
 
 
-def to_args(options: list[click.Option], params: dict[str, Any]) -> list[str]:
+def to_args(options: list[click.Parameter], params: dict[str, Any]) -> list[str]:
     """The command line that gives a worker the same values for `options` (what the user set)."""
     args: list[str] = []
     for option in options:
         value = params.get(option.name)
         if value is None or value == ():
             continue
-        if option.is_bool_flag and option.secondary_opts:
+        if isinstance(option, click.Argument):
+            args += ["--", *value] if option is options[-1] else list(value)
+        elif option.is_bool_flag and option.secondary_opts:
             args.append(option.opts[0] if value else option.secondary_opts[0])
         else:
             for item in value if option.multiple else [value]:
@@ -83,13 +91,20 @@ def to_args(options: list[click.Option], params: dict[str, Any]) -> list[str]:
 
 
 def overrides_from(params: dict[str, Any]) -> list[str]:
-    """Typed flags first, then --set, so an explicit --set wins."""
+    """--log-with, then typed flags, then --set, then positional KEY=VALUE: the later wins."""
     overrides = []
+    if params.get("log_with") is not None:
+        chosen = [t.strip() for t in params["log_with"].split(",") if t.strip() and t.strip() != "none"]
+        unknown = sorted(set(chosen) - set(TRACKERS))
+        if unknown:
+            raise ConfigError(f"--log-with {params['log_with']}: unknown tracker {unknown[0]!r}; use any of "
+                              f"{', '.join(TRACKERS)}, or none")
+        overrides += [f"{t}.enabled={str(t in chosen).lower()}" for t in TRACKERS]
     for flag, name in TYPED_FLAGS.items():
         value = params.get(flag)
         if value is not None:
             overrides.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
-    return overrides + list(params.get("overrides") or ())
+    return overrides + list(params.get("overrides") or ()) + list(params.get("positional") or ())
 
 
 def config_options(command: click.Command) -> click.Command:

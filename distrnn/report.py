@@ -1,15 +1,20 @@
 """`distrnn report RUN [RUN ...]`: compare finished runs in one PNG and one Markdown table.
 
 Reads only what a run folder already holds (metrics.jsonl, summary.json), so it works offline and
-without W&B. Four panels: training loss against step and against training time, test accuracy against
-step and against training time; one colour per run in every panel, named by its folder.
+without W&B. Four panels: training loss against step and against training time, accuracy during training
+against step and against training time; one colour per run in every panel, named by its folder.
 
 Where the numbers come from, and why:
 - loss: the train/loss lines of metrics.jsonl. Their "time" field is wall clock (evaluations,
   checkpoints and any gap before a resume included), so loss is put against training time only where
   the line carries train/seconds; a run without it is drawn against step alone, and we say so.
-- test accuracy: summary.json's "history", which the trainer keeps in its checkpoints, so a resumed
-  run has each evaluation once and with its training time (metrics.jsonl would repeat the redone ones).
+- accuracy during training: summary.json's "history", which the trainer keeps in its checkpoints, so a
+  resumed run has each evaluation once and with its training time (metrics.jsonl would repeat the redone
+  ones). A run with a validation holdout (data.val_samples) evaluates validation during training and test
+  once at the end: its curves are validation accuracy, and the panels say so.
+- sweeps: when runs have a best validation accuracy (summary.json's best_val_accuracy, best_val_step), the
+  table gains that column and lists the runs best first, so `distrnn report runs/SWEEP/*` ranks the trials.
+  Choosing by validation, not test, accuracy keeps the test set out of the choice.
 
 matplotlib is imported inside the command: importing this module (as the `distrnn` entry point does) stays cheap.
 """
@@ -39,6 +44,9 @@ TIME_METRIC = "train/seconds"
 # What the table needs from summary.json; a summary without one of them is refused by name.
 SUMMARY_KEYS = ("steps", "train_seconds", "samples_per_s", "test_accuracy", "test_correct", "test_seen",
                 "train_accuracy", "train_correct", "train_seen")
+# Only in runs with a validation holdout (data.val_samples); null or absent otherwise.
+VAL_ACCURACY, VAL_STEP = "best_val_accuracy", "best_val_step"
+MIXED_ACCURACY = "validation or test accuracy"  # the accuracy panels' name when only some runs have a holdout
 
 
 @dataclass
@@ -88,6 +96,10 @@ def read_summary(folder: RunFolder) -> dict[str, Any]:
     if missing:
         listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DistrnnError(f"{folder.summary} lacks numbers for {listed}; was it written by `distrnn train`?")
+    if summary.get(VAL_ACCURACY) is not None and not (_is_number(summary[VAL_ACCURACY])
+                                                      and isinstance(summary.get(VAL_STEP), int)):
+        raise DistrnnError(f"{folder.summary} has a {VAL_ACCURACY} without a number for it and an integer "
+                           f"{VAL_STEP}; was it written by `distrnn train`?")
     return summary
 
 
@@ -155,10 +167,15 @@ def run_labels(paths: list[str | Path]) -> list[str]:
             depth[i] += 1
 
 
-def evaluations(run: Run) -> list[dict[str, Any]]:
-    """The evaluations of summary.json's history that have a step and an accuracy."""
-    return [h for h in run.history if isinstance(h, dict) and _is_number(h.get("test_accuracy"))
-            and isinstance(h.get("step"), int)]
+def evaluations(run: Run, key: str = "test_accuracy") -> list[dict[str, Any]]:
+    """The evaluations of summary.json's history that have a step and an accuracy under `key`."""
+    return [h for h in run.history if isinstance(h, dict) and _is_number(h.get(key)) and isinstance(h.get("step"), int)]
+
+
+def accuracy_key(run: Run) -> str:
+    """What a run evaluated during training: validation when it held a validation set out (test comes
+    once, at the end, then), else test."""
+    return "val_accuracy" if evaluations(run, "val_accuracy") else "test_accuracy"
 
 
 def best_test(run: Run) -> dict[str, Any] | None:
@@ -167,17 +184,45 @@ def best_test(run: Run) -> dict[str, Any] | None:
     return max(scored, key=lambda h: (h["test_accuracy"], -h["step"])) if scored else None
 
 
+def best_val(run: Run) -> tuple[float, int] | None:
+    """summary.json's best validation accuracy and its step; None for a run without a holdout."""
+    accuracy = run.summary.get(VAL_ACCURACY)
+    return (float(accuracy), run.summary[VAL_STEP]) if accuracy is not None else None
+
+
+def ranked(runs: list[Run]) -> list[Run]:
+    """Best validation accuracy first when any run has one (runs without one last); else as given.
+    Ties keep the order given."""
+    if not any(best_val(run) for run in runs):
+        return list(runs)
+    return sorted(runs, key=lambda run: -best_val(run)[0] if best_val(run) else math.inf)
+
+
+def row_cells(run: Run) -> list[str]:
+    s = run.summary
+    return [run.label.replace("|", "\\|"), str(s["steps"]), f"{s['train_seconds']:.1f}", f"{s['samples_per_s']:.0f}",
+            f"{s['test_accuracy']:.2f}% ({s['test_correct']} / {s['test_seen']})",
+            f"{s['train_accuracy']:.2f}% ({s['train_correct']} / {s['train_seen']})"]
+
+
 def markdown_table(runs: list[Run]) -> str:
-    lines = ["| run | steps | training seconds | samples/s | final test accuracy | train accuracy | "
-             "best test accuracy during training (step) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """One row per run, ranked (see `ranked`). Runs with a validation holdout add its column, second so the
+    ranking shows; the best test accuracy during training is left out when every run has a holdout, since
+    none of them evaluated test before the end."""
+    runs = ranked(runs)
+    with_val = [best_val(run) is not None for run in runs]
+    show_val, show_best_test = any(with_val), not all(with_val)
+    headers = ["run", *["best validation accuracy (step)"] * show_val, "steps", "training seconds", "samples/s",
+               "final test accuracy", "train accuracy", *["best test accuracy during training (step)"] * show_best_test]
+    lines = ["| " + " | ".join(headers) + " |", "| --- |" + " ---: |" * (len(headers) - 1)]
     for run in runs:
-        s, best = run.summary, best_test(run)
-        cells = [run.label.replace("|", "\\|"), str(s["steps"]), f"{s['train_seconds']:.1f}",
-                 f"{s['samples_per_s']:.0f}",
-                 f"{s['test_accuracy']:.2f}% ({s['test_correct']} / {s['test_seen']})",
-                 f"{s['train_accuracy']:.2f}% ({s['train_correct']} / {s['train_seen']})",
-                 f"{best['test_accuracy']:.2f}% ({best['step']})" if best else "none recorded"]
+        cells = row_cells(run)
+        if show_val:
+            best = best_val(run)
+            cells.insert(1, f"{best[0]:.2f}% ({best[1]})" if best else "no holdout")
+        if show_best_test:
+            best_t = best_test(run)
+            cells.append(f"{best_t['test_accuracy']:.2f}% ({best_t['step']})" if best_t else "none recorded")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -198,15 +243,20 @@ def draw(runs: list[Run]) -> Figure:
         style = {"color": f"C{i % 10}", "label": run.label}
         _plot(loss_step, [p.step for p in run.loss], [p.loss for p in run.loss], style)
         _plot(loss_time, [p.seconds for p in run.timed_loss], [p.loss for p in run.timed_loss], style)
-        history = evaluations(run)
-        _plot(acc_step, [h["step"] for h in history], [h["test_accuracy"] for h in history], style, "o")
+        key = accuracy_key(run)
+        history = evaluations(run, key)
+        _plot(acc_step, [h["step"] for h in history], [h[key] for h in history], style, "o")
         timed = [h for h in history if _is_number(h.get("train_seconds"))]
-        _plot(acc_time, [h["train_seconds"] for h in timed], [h["test_accuracy"] for h in timed], style, "o")
+        _plot(acc_time, [h["train_seconds"] for h in timed], [h[key] for h in timed], style, "o")
     _label(loss_step, "training loss against step", "step", "training loss", log=True)
     _label(loss_time, "training loss against training time", "training time (s)", "training loss", log=True)
-    _label(acc_step, "test accuracy against step", "step", "test accuracy (%)")
-    _label(acc_time, "test accuracy against training time", "training time (s)", "test accuracy (%)")
+    accuracy = accuracy_name(runs)
+    _label(acc_step, f"{accuracy} against step", "step", f"{accuracy} (%)")
+    _label(acc_time, f"{accuracy} against training time", "training time (s)", f"{accuracy} (%)")
     _note_untimed(loss_time, [run.label for run in runs if run.loss and not run.timed_loss])
+    if accuracy == MIXED_ACCURACY:  # the PNG alone says which curves are test accuracy
+        _note(acc_step, f"test accuracy (no validation holdout): "
+                        f"{', '.join(run.label for run in runs if accuracy_key(run) == 'test_accuracy')}")
     # Built from handles, not from one panel: a run with no loss points is still named.
     fig.legend(handles=[Line2D([], [], color=f"C{i % 10}", label=run.label) for i, run in enumerate(runs)],
                loc="outside upper center", ncols=min(len(runs), 4))
@@ -232,11 +282,21 @@ def _label(ax: Axes, title: str, xlabel: str, ylabel: str, log: bool = False) ->
     ax.grid(True, alpha=0.3)
 
 
+def accuracy_name(runs: list[Run]) -> str:
+    """What the accuracy panels show: validation accuracy when every run held a validation set out."""
+    keys = {accuracy_key(run) for run in runs}
+    return {frozenset({"val_accuracy"}): "validation accuracy",
+            frozenset({"test_accuracy"}): "test accuracy"}.get(frozenset(keys), MIXED_ACCURACY)
+
+
 def _note_untimed(ax: Axes, labels: list[str]) -> None:
     """Said in the panel too, so the PNG alone does not suggest those runs are missing by accident."""
     if labels:
-        text = f"against step only (no {TIME_METRIC} logged): {', '.join(labels)}"
-        ax.text(0.01, 0.01, text[:150], transform=ax.transAxes, fontsize=8, color="0.35", va="bottom")
+        _note(ax, f"against step only (no {TIME_METRIC} logged): {', '.join(labels)}")
+
+
+def _note(ax: Axes, text: str) -> None:
+    ax.text(0.01, 0.01, text[:150], transform=ax.transAxes, fontsize=8, color="0.35", va="bottom")
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -283,12 +343,14 @@ def command(runs: tuple[str, ...], output: Path, markdown: Path | None) -> None:
     """Compare finished runs: one PNG and a Markdown table.
 
     RUN is a run folder (the --output-dir of `distrnn train`). The PNG has four panels, training loss
-    and test accuracy against step and against training time, one colour per run; the table of final
-    numbers goes to stdout. An unfinished run (no summary.json) is refused, not skipped: the table
-    needs its final numbers, and a comparison that silently lost a run would mislead. Works offline,
-    without W&B.
+    and accuracy during training (validation accuracy for runs with data.val_samples, else test) against
+    step and against training time, one colour per run; the table of final numbers goes to stdout.
+    Runs with a validation holdout are ranked by their best validation accuracy, best first, so
+    `distrnn report runs/SWEEP/*` ranks a sweep's trials. An unfinished run (no summary.json) is refused,
+    not skipped: the table needs its final numbers, and a comparison that silently lost a run would
+    mislead. Works offline, without W&B.
     """
-    loaded = load_runs(runs)
+    loaded = ranked(load_runs(runs))  # the legend in the table's order
     try:
         figure = draw(loaded)
     except ImportError as e:  # matplotlib is a dev extra, not a training dependency

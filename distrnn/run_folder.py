@@ -7,8 +7,10 @@
     RUN/confusion.png, .csv  the final test confusion matrix; RUN/errors.png the most confident mistakes
     RUN/summary.json         final counts, accuracy, time; its presence means "finished"
     RUN/checkpoints/step-N/  accelerate's save_state + meta.json; .tmp-step-N while being written
+    RUN/best/                the best model by validation accuracy (checkpoint.keep_best)
     RUN/debug/               what a non-finite loss left behind
     RUN/wandb/               W&B's own folder (offline runs)
+    RUN/tensorboard/         TensorBoard's event files (`tensorboard --logdir RUN/tensorboard`)
 
 Other modules ask this one for paths; no file name is spelled anywhere else.
 """
@@ -93,6 +95,11 @@ class RunFolder:
         return self.root / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        """checkpoint.keep_best: the model with the best validation accuracy (a folder load_model reads)."""
+        return self.root / "best"
+
+    @property
     def debug(self) -> Path:
         return self.root / "debug"
 
@@ -100,6 +107,11 @@ class RunFolder:
     def trackers(self) -> Path:
         """Where W&B makes its own wandb/ folder."""
         return self.root
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (and accelerate's hparams sub-folders)."""
+        return self.root / "tensorboard"
 
     def checkpoint(self, step: int, tmp: bool = False) -> CheckpointFolder:
         name = f"{CHECKPOINT_PREFIX}{step:08d}"

@@ -22,7 +22,7 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator = trainer = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
-                                       cfg.train.output_dir, log_with=["wandb"] if cfg.wandb.enabled else None,
+                                       cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
         trainer = Trainer(cfg, accelerator, stop)
         return trainer.fit()

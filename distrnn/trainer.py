@@ -9,6 +9,7 @@ evaluation, a stop) is decided in `after_step`.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -29,7 +30,7 @@ from distrnn.errors import DistrnnError
 from distrnn.metrics import Evaluation, Mistake, evaluate_with_mistakes, exact_accuracy
 from distrnn.mnist import Split, load_split
 from distrnn.model import StackedRNN, count_parameters
-from distrnn.model_files import save_model
+from distrnn.model_files import save_model, save_model_folder
 from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, total_norm
 
 MISTAKES = 25  # the most confident mistakes of the final test evaluation kept for errors.png and W&B (a 5x5 grid)
@@ -70,21 +71,24 @@ class Clock:
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: StopFlag):
         self.cfg, self.accelerator, self.stop = cfg, accelerator, stop
+        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
         self.folder = RunFolder(cfg.train.output_dir)
         self.say = main_print(accelerator)
         threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
+        self.global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
         self.say(f"distrnn: {accelerator.num_processes} process(es) on {accelerator.device}{threads}, precision "
-                 f"{cfg.train.precision}, run folder {self.folder.root}\n--- resolved config ---\n{cfg.to_yaml()}"
-                 "-----------------------")
+                 f"{cfg.train.precision}, global batch {self.global_batch} ({cfg.train.batch_size} per process x "
+                 f"{accelerator.num_processes} x {cfg.train.grad_accum_steps} accumulation), run folder "
+                 f"{self.folder.root}\n--- resolved config ---\n{cfg.to_yaml()}-----------------------")
         # Data first: a missing or damaged data set stops the run before anything is written.
-        self.train_set, self.test_set = self._load_data()
+        self.train_split, self.val_set, self.test_set = self._load_data()
         model = StackedRNN(cfg.model)
         faults.flatten_like_cudnn(model.rnn)
         self.say(f"model: {count_parameters(model):,} parameters")
         self.checkpoint_bytes = checkpoint.estimated_bytes(count_parameters(model), accelerator.num_processes)
         resume_from, meta = self._resume_point()
-        self.log = RunLog(accelerator, self.folder, cfg.wandb, cfg.to_dict(),
-                          resumed_id=meta.get("wandb_run_id") if meta else None)
+        self.log = RunLog(accelerator, self.folder, cfg.wandb, cfg.to_dict(), resumed=meta is not None,
+                          resumed_id=meta.get("wandb_run_id") if meta else None, tensorboard=cfg.tensorboard.enabled)
         # Fused: one kernel for the whole update, and it can skip a step on the device (see nonfinite.py).
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -96,20 +100,25 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         self.position = self._restore(resume_from, meta)
         self.clock, self.epoch_clock = Clock(self.position.train_seconds), Clock()
-        self.samples_per_step = cfg.train.batch_size * accelerator.num_processes
+        self.samples_per_step = cfg.train.batch_size * accelerator.num_processes  # per batch (accumulation step)
+        self.stopping = self.patience_exhausted()  # a run stopped early stays stopped when resumed
         self.last_test: Evaluation | None = None
         self.mistakes: list[Mistake] = []
         self.skipped_steps = 0  # updates the fp16 grad scaler skipped (overflow), since this start
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _load_data(self) -> tuple[Split, Split]:
-        data_dir = self.cfg.data.dir
+    def _load_data(self) -> tuple[Split, Split | None, Split]:
+        """(what is trained on, the validation holdout or None, the test split)."""
+        data, device = self.cfg.data, self.accelerator.device
         # One process per node downloads missing files; then every rank reads and checks its own copy
         # (node-local disks can differ), and identical errors are printed once.
-        agree(self.accelerator, lambda: load_split(data_dir, False), here=self.accelerator.is_local_main_process)
-        train_set, test_set = agree(self.accelerator, lambda: (load_split(data_dir, True), load_split(data_dir, False)))
-        return train_set, test_set.first(self.cfg.data.test_samples).to(self.accelerator.device)
+        agree(self.accelerator, lambda: load_split(data.dir, False), here=self.accelerator.is_local_main_process)
+        train_set, test_set = agree(self.accelerator, lambda: (load_split(data.dir, True), load_split(data.dir, False)))
+        pool = train_set.first(data.train_samples)
+        self.train_indices, held = loaders.hold_out(len(pool), data.val_samples, self.cfg.train.seed)
+        val = pool.take(held).to(device) if data.val_samples else None
+        return pool.take(self.train_indices), val, test_set.first(data.test_samples).to(device)
 
     def _resume_point(self) -> tuple[checkpoint.CheckpointFolder | None, dict[str, Any] | None]:
         """The main process decides (the folder is shared) and every rank uses its answer."""
@@ -130,17 +139,21 @@ class Trainer:
     def _make_loader(self):
         cfg, acc = self.cfg, self.accelerator
         if cfg.data.loader == "memory":
-            split = self.train_set.first(cfg.data.train_samples).to(acc.device)
-            return loaders.MemoryLoader(split, cfg.train.batch_size, cfg.train.seed, acc.process_index,
-                                        acc.num_processes)
-        return acc.prepare(loaders.torchvision_loader(cfg.data.dir, cfg.data.train_samples, cfg.train.batch_size,
+            return loaders.MemoryLoader(self.train_split.to(acc.device), cfg.train.batch_size, cfg.train.seed,
+                                        acc.process_index, acc.num_processes, cfg.train.grad_accum_steps)
+        return acc.prepare(loaders.torchvision_loader(cfg.data.dir, self.train_indices.tolist(), cfg.train.batch_size,
                                                       cfg.data.num_workers))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps an epoch: batches / accumulation steps (a partial last group counts)."""
+        return math.ceil(len(self.loader) / self.cfg.train.grad_accum_steps)
 
     def _make_scheduler(self):
         if self.cfg.optim.schedule != "onecycle":
             return None
         return self.accelerator.prepare(torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.cfg.optim.lr, total_steps=self.cfg.train.epochs * len(self.loader),
+            self.optimizer, max_lr=self.cfg.optim.lr, total_steps=self.cfg.train.epochs * self.steps_per_epoch,
             pct_start=self.cfg.optim.pct_start))
 
     def _restore(self, resume_from, meta) -> Position:
@@ -158,13 +171,22 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        while self.position.epoch < self.cfg.train.epochs:
+        while self.position.epoch < self.cfg.train.epochs and not self.stopping:
             self.start_epoch()
             for images, labels in self.epoch_batches():
                 self.train_step(images, labels)
                 self.after_step()
+                if self.stopping:  # early stopping: no better validation accuracy for a while
+                    break
             self.end_epoch()
+        if self.stopped_early():
+            accuracy, step = self.best_validation()
+            self.say(f"early stop at step {self.position.global_step}: no better validation accuracy in "
+                     f"{self.cfg.train.early_stop_patience} evaluations (best {accuracy:.2f}% at step {step})")
         return self.finish()
+
+    def stopped_early(self) -> bool:
+        return self.stopping and self.position.epoch < self.cfg.train.epochs
 
     def start_epoch(self) -> None:
         self.model.train()
@@ -191,23 +213,34 @@ class Trainer:
         return self.bar
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Forward, backward, update: nothing here waits for the device (no host sync)."""
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
-        self.running_correct += (logits.argmax(dim=1) == labels).sum()
-        self.running_seen += labels.numel()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Forward, backward, and (every grad_accum_steps batches) an update: nothing here waits for the
+        device (no host sync). Between updates accumulate() skips DDP's gradient all-reduce (no_sync)
+        and makes the optimizer's step and zero_grad no-ops."""
         p = self.position
-        self.accelerator.backward(self.guard.loss_for_backward(loss, p.global_step, p.step_in_epoch, (images, labels)))
+        with self.accelerator.accumulate(self.model):
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels)
+            self.running_correct += (logits.argmax(dim=1) == labels).sum()
+            self.running_seen += labels.numel()
+            self.accelerator.backward(self.guard.loss_for_backward(loss, p.global_step, p.step_in_epoch,
+                                                                   (images, labels)))
+            if self.accelerator.sync_gradients:
+                self.guard_gradients()
+            self.optimizer.step()
+            if self.accelerator.sync_gradients:
+                self.step_scheduler()
+            self.optimizer.zero_grad(set_to_none=True)
+        p.step_in_epoch += 1
+        p.global_step += int(self.accelerator.sync_gradients)
+        self.loss = loss.detach()
+
+    def guard_gradients(self) -> None:
+        """Clip, and let the guard see the (all-reduced) gradients' norm before they are applied."""
         norm = (self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
                 if self.cfg.optim.grad_clip is not None else None)
         if not self.guard.scaler_owns_skips:
-            self.guard.grads_computed(total_norm(self.model.parameters()) if norm is None else norm, p.global_step)
-        self.optimizer.step()
-        self.step_scheduler()
-        p.step_in_epoch += 1
-        p.global_step += 1
-        self.loss = loss.detach()
+            norm = total_norm(self.model.parameters()) if norm is None else norm
+            self.guard.grads_computed(norm, self.position.global_step)
 
     def step_scheduler(self) -> None:
         """The schedule advances only with the weights: not on a step the fp16 grad scaler skipped (an
@@ -231,6 +264,8 @@ class Trainer:
                             "run the same command again to resume")
 
     def after_step(self) -> None:
+        if not self.accelerator.sync_gradients:
+            return  # an accumulation step: nothing is logged, checked or saved between updates
         step, mid_epoch = self.position.global_step, self.position.step_in_epoch < len(self.loader)
         log = step % self.cfg.train.log_every == 0
         save = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0 and mid_epoch
@@ -248,13 +283,16 @@ class Trainer:
         self.check_health()
         self.clock.stop()
         self.epoch_clock.stop()
+        if self.position.step_in_epoch < len(self.loader):  # stopped early, mid-epoch: keep where it stopped
+            self.save_checkpoint()
+            return
         correct, seen = dist_sum(self.accelerator, int(self.running_correct), self.running_seen)
         epoch = self.position.epoch
-        test = self.evaluate(epoch + 1, mistakes=MISTAKES if epoch + 1 == self.cfg.train.epochs else 0)
+        result = self.evaluate(epoch + 1, last=epoch + 1 == self.cfg.train.epochs)
         self.log.log({"train/epoch_samples_per_s": self.throughput(),
                       "train/running_accuracy": 100.0 * correct / max(seen, 1)}, self.position.global_step)
-        self.say(f"epoch {epoch + 1}/{self.cfg.train.epochs}: test {test.correct} / {test.seen} ({test.percent:.2f}%), "
-                 f"{self.throughput():.0f} samples/s, {self.epoch_clock.seconds:.1f} s")
+        self.say(f"epoch {epoch + 1}/{self.cfg.train.epochs}: {self.eval_name} {result.correct} / {result.seen} "
+                 f"({result.percent:.2f}%), {self.throughput():.0f} samples/s, {self.epoch_clock.seconds:.1f} s")
         self.position.epoch, self.position.step_in_epoch = epoch + 1, 0
         self.save_checkpoint()
 
@@ -277,21 +315,56 @@ class Trainer:
                       "train/samples_per_s": throughput, "train/seconds": self.clock.now(), "epoch": epoch},
                      self.position.global_step)
 
-    def evaluate(self, epoch_progress: float, mistakes: int = 0) -> Evaluation:
-        """Exact test accuracy, recorded against the training time so far (evaluation not counted); with
-        `mistakes`, the most confident wrong predictions too (the final evaluation)."""
-        with self.clock.paused(), self.epoch_clock.paused():
-            if mistakes:
-                evaluation, self.mistakes = evaluate_with_mistakes(self.accelerator, self.model, self.test_set,
-                                                                   self.cfg.train.eval_batch_size, mistakes)
-            else:
-                evaluation = exact_accuracy(self.accelerator, self.model, self.test_set, self.cfg.train.eval_batch_size)
+    @property
+    def eval_name(self) -> str:
+        """What training is evaluated on: the validation holdout when there is one, else test (the seed's way)."""
+        return "val" if self.val_set is not None else "test"
+
+    def evaluate(self, epoch_progress: float, last: bool = False) -> Evaluation:
+        """An exact evaluation during training, recorded against the training time so far (evaluation
+        not counted). The last test evaluation also keeps the most confident mistakes."""
+        split = self.val_set if self.val_set is not None else self.test_set
+        evaluation = self.count(split, mistakes=last and self.val_set is None)
+        name = self.eval_name
         self.position.history.append({"epoch": round(epoch_progress, 3), "step": self.position.global_step,
-                                      "test_accuracy": evaluation.percent, "train_seconds": self.clock.seconds})
-        self.log.log({"test/accuracy": evaluation.percent, "test/correct": evaluation.correct,
-                      "test/seen": evaluation.seen, "epoch": epoch_progress}, self.position.global_step)
-        self.last_test = evaluation
+                                      f"{name}_accuracy": evaluation.percent, "train_seconds": self.clock.seconds})
+        self.log.log({f"{name}/accuracy": evaluation.percent, f"{name}/correct": evaluation.correct,
+                      f"{name}/seen": evaluation.seen, "epoch": epoch_progress}, self.position.global_step)
+        if name == "test":
+            self.last_test = evaluation
+        else:
+            self.after_validation()
         return evaluation
+
+    def count(self, split: Split, mistakes: bool = False) -> Evaluation:
+        with self.clock.paused(), self.epoch_clock.paused():
+            if not mistakes:
+                return exact_accuracy(self.accelerator, self.model, split, self.cfg.train.eval_batch_size)
+            evaluation, self.mistakes = evaluate_with_mistakes(self.accelerator, self.model, split,
+                                                               self.cfg.train.eval_batch_size, MISTAKES)
+            return evaluation
+
+    def best_validation(self) -> tuple[float, int] | None:
+        """(accuracy, step) of the best validation so far (the earliest of equals); from the history a
+        checkpoint carries, so a resumed run knows it too."""
+        scores = [(h["val_accuracy"], -h["step"]) for h in self.position.history if "val_accuracy" in h]
+        return (max(scores)[0], -max(scores)[1]) if scores else None
+
+    def patience_exhausted(self) -> bool:
+        patience, best = self.cfg.train.early_stop_patience, self.best_validation()
+        if patience is None or best is None:
+            return False
+        return sum(1 for h in self.position.history if "val_accuracy" in h and h["step"] > best[1]) >= patience
+
+    def after_validation(self) -> None:
+        """Keep the best model (checkpoint.keep_best) and stop when patience is exhausted."""
+        accuracy, step = self.best_validation()
+        if self.cfg.checkpoint.keep_best and step == self.position.global_step:
+            state = self.accelerator.get_state_dict(self.model)
+            agree(self.accelerator, lambda: save_model_folder(state, self.cfg.to_dict(), self.folder.best),
+                  here=self.accelerator.is_main_process)
+            self.say(f"best validation accuracy so far: {accuracy:.2f}% at step {step}; model saved in {self.folder.best}")
+        self.stopping = self.patience_exhausted()
 
     def save_checkpoint(self):
         with self.clock.paused(), self.epoch_clock.paused():
@@ -325,10 +398,12 @@ class Trainer:
     # --- the end ------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        if self.last_test is None:  # resumed from a finished run: nothing was trained or evaluated yet
-            self.evaluate(self.position.epoch, mistakes=MISTAKES)
+        if self.last_test is None:  # with a holdout (or a finished run resumed): test once, at the end
+            self.last_test = self.count(self.test_set, mistakes=True)
+            self.log.log({"test/accuracy": self.last_test.percent, "test/correct": self.last_test.correct,
+                          "test/seen": self.last_test.seen}, self.position.global_step)
         test = self.last_test
-        train_split = self.train_set.first(self.cfg.data.train_samples).to(self.accelerator.device)
+        train_split = self.train_split.to(self.accelerator.device)
         train_acc = exact_accuracy(self.accelerator, self.model, train_split, self.cfg.train.eval_batch_size)
         for label, accuracy in [("training", train_acc), ("test", test)]:
             self.say(f"Accuracy on {label} data:")
@@ -355,7 +430,8 @@ class Trainer:
             "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
             "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
             "train_seconds": seconds,
-            "samples_per_s": self.position.global_step * self.samples_per_step / max(seconds, 1e-9),
+            "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
+            "global_batch": self.global_batch,
             "steps": self.position.global_step, "num_processes": self.accelerator.num_processes,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
             "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
@@ -363,7 +439,14 @@ class Trainer:
             "grad_scaler_skipped_steps": self.skipped_steps if self.guard.scaler_owns_skips else None,
             "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
             "test_per_class": test.per_class(), "test_confusion": [list(row) for row in test.confusion],
+            **self.validation_summary(),
         }
+
+    def validation_summary(self) -> dict[str, Any]:
+        best = self.best_validation()
+        return {"best_val_accuracy": best[0] if best else None, "best_val_step": best[1] if best else None,
+                "early_stopped": self.stopped_early(),
+                "best_model": str(self.folder.best) if best and self.cfg.checkpoint.keep_best else None}
 
     def close(self) -> None:
         self.log.close()

@@ -35,6 +35,30 @@ def fail(message: str) -> None:
     raise DistrnnError(message)
 
 
+def accumulate(acc) -> None:
+    """A real Trainer on 2 ranks with grad_accum_steps=3: at which batches DDP all-reduced gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from distrnn.preemption import StopFlag
+    from distrnn.trainer import Trainer
+
+    cfg = build_config(overrides=["data.train_samples=640", "data.test_samples=100", "train.batch_size=16",
+                                  "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false", "checkpoint.every_steps=null",
+                                  f"train.output_dir={os.environ['RUN_DIR']}"])
+    trainer = Trainer(cfg, acc, StopFlag())
+    reduced_at: set[int] = set()
+
+    def count(state, bucket):
+        reduced_at.add(trainer.position.step_in_epoch)  # the batch being trained (0-based)
+        return default_hooks.allreduce_hook(state, bucket)
+
+    trainer.model.register_comm_hook(None, count)
+    summary = trainer.fit()
+    trainer.close()
+    print("RESULT " + json.dumps({"reduced_at": sorted(reduced_at), "steps": summary["steps"],
+                                  "batches": len(trainer.loader)}), flush=True)
+
+
 SCENARIOS = {
     "exact": None,
     # only rank 1 has the problem (a node-local file, a full disk on one node)
@@ -43,6 +67,7 @@ SCENARIOS = {
     "same-error": lambda acc: agree(acc, lambda: fail("the same problem everywhere")),
     # every rank uses the main process's answer (a shared file system can show ranks different folders)
     "from-main": lambda acc: print(f"RESULT [{from_main(acc, acc.process_index)}]", flush=True),
+    "accumulate": accumulate,
     # not a DistrnnError, on the main process only: the others must not wait for the collective timeout
     "main-raises": lambda acc: agree(acc, lambda: {}["missing key"], here=acc.is_main_process),
 }

@@ -25,6 +25,13 @@ def expect_one_line(result, expected: str, code: int | None = None) -> None:
         (["train", "--precision", "fp8"], "Invalid value for '--precision': 'fp8' is not one of 'no', 'fp16', 'bf16'", 2),
         (["train", "--mode", "tpu"], "Invalid value for '--mode': 'tpu' is not one of 'auto', 'cpu', 'gpu', 'ddp'", 2),
         (["train", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),
+        (["train", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),  # positional, as sweeps pass them
+        (["train", "epochs"], "override 'epochs' must look like key=value, for example model.hidden_size=128", 2),
+        (["train", "--log-with", "wandb,mlflow"], "--log-with wandb,mlflow: unknown tracker 'mlflow'; use any of "
+         "wandb, tensorboard, or none", 2),
+        (["train", "data.val_samples=60000"], "config key 'data.val_samples' must be 0..59999", 2),
+        (["train", "train.early_stop_patience=3"], "train.early_stop_patience needs a validation holdout: set "
+         "data.val_samples", 2),
         (["train", "--set", "model.cell=cnn"], "config key 'model.cell' must be one of rnn, gru, lstm, got 'cnn'", 2),
         (["train", "--set", "model.head=first"], "config key 'model.head' must be one of all-steps, last-step", 2),
         (["train", "--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist; check the "

@@ -111,6 +111,7 @@ def test_a_resume_applies_a_new_learning_rate_and_says_so(tmp_path, data_dir):
     lrs = {json.loads(line)["step"]: json.loads(line).get("train/lr") for line in (out / "metrics.jsonl").read_text().splitlines()}
     after = [lr for step, lr in lrs.items() if step > resumed_at and lr is not None]
     assert after and set(after) == {0.005}  # the optimizer uses what config.yaml and W&B record
+    assert {lr for step, lr in lrs.items() if step <= resumed_at and lr is not None} == {0.001}  # kept, W&B off
     assert "lr: 0.005" in (out / "config.yaml").read_text()
 
 

@@ -65,3 +65,15 @@ def test_every_rank_uses_the_main_processs_answer():
     result = on_ranks(3, "from-main")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.findall(r"RESULT \[(\d+)\]", result.stdout) == ["0", "0", "0"]
+
+
+def test_accumulation_steps_skip_ddps_gradient_all_reduce(tmp_path, data_dir):
+    """2 ranks x 320 images / batch 16 = 20 batches, 21 with 3 per step: gradients are all-reduced on
+    batches 3, 6, ..., 21 only (accelerate's accumulate uses DDP's no_sync in between)."""
+    result = run([str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                  str(REPO / "tests" / "ranks.py"), "accumulate"], timeout=300,
+                 env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "DISTRNN_DATA_DIR": str(data_dir),
+                      "RUN_DIR": str(tmp_path / "run")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for got in [json.loads(r) for r in re.findall(r"RESULT (\{.*?\})", result.stdout)]:
+        assert got == {"reduced_at": list(range(2, 21, 3)), "steps": 7, "batches": 21}

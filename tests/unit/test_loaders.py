@@ -75,3 +75,31 @@ def test_eval_shards_count_every_sample_exactly_once(n, world, batch):
             assert len(labels) <= batch and torch.equal(index, labels)  # sample i is labelled i
             seen.update(labels.tolist())
     assert seen == Counter(range(n))
+
+
+@pytest.mark.parametrize("n, batch, world, accumulate", [(1000, 32, 1, 4), (1000, 32, 2, 3), (77, 8, 3, 2), (5, 4, 2, 3)])
+def test_with_accumulation_every_optimizer_step_sees_a_full_global_batch(n, batch, world, accumulate):
+    split = numbered(n)
+    loaders = [MemoryLoader(split, batch, 0, rank, world, accumulate) for rank in range(world)]
+    sizes = [[len(labels) for _, labels in loader] for loader in loaders]
+    assert len({len(s) for s in sizes}) == 1 and len(sizes[0]) % accumulate == 0  # whole optimizer steps
+    assert all(size == batch for s in sizes for size in s)  # full batches: accumulate x batch per step
+    seen = {int(i) for loader in loaders for _, labels in loader for i in labels}
+    assert seen == set(range(n))
+    full = [labels.tolist() for _, labels in loaders[0].batches()]
+    assert [labels.tolist() for _, labels in loaders[0].batches(skip=accumulate)] == full[accumulate:]  # resume
+
+
+def test_the_validation_holdout_is_seeded_disjoint_and_never_trained_on():
+    from distrnn.loaders import hold_out
+
+    split = numbered(1000)
+    keep, held = hold_out(len(split), 100, seed=0)
+    train, val = split.take(keep), split.take(held)
+    assert len(val) == 100 and len(train) == 900
+    assert set(train.labels.tolist()).isdisjoint(val.labels.tolist())
+    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(1000))
+    assert torch.equal(hold_out(1000, 100, seed=0)[1], held)  # the same holdout every start
+    assert not torch.equal(hold_out(1000, 100, seed=1)[1], held)
+    trained = {int(i) for _, labels in MemoryLoader(train, 64, 0, 0, 1) for i in labels}
+    assert trained.isdisjoint(val.labels.tolist())

@@ -22,23 +22,28 @@ def distrnn_report(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def make_run(root: Path, *, steps: int, lr: float, history: list[tuple[int, float, float]], seconds: bool = True,
-             summary: bool = True) -> Path:
+             summary: bool = True, holdout: bool = False, test: float | None = None) -> Path:
     """A run folder as `distrnn train` leaves it: loss every 10 steps, one test line per evaluation.
-    `history` is (step, test accuracy, training seconds) for each evaluation."""
+    `history` is (step, test accuracy, training seconds) for each evaluation; with `holdout` (data.val_samples)
+    those are validation accuracies, summary.json gets the best of them, and `test` is the final test accuracy."""
     folder = RunFolder(root)
     folder.root.mkdir(parents=True)
+    split = "val" if holdout else "test"
     lines = [{"step": s, "time": 1e9 + s, "train/loss": 2.3 / (1 + s * lr), "train/lr": lr, "epoch": 1,
               **({"train/seconds": s * 0.1} if seconds else {})} for s in range(10, steps + 1, 10)]
-    lines += [{"step": s, "time": 1e9 + s, "test/accuracy": a, "test/correct": round(a * 100), "test/seen": 10000}
-              for s, a, _ in history]
+    lines += [{"step": s, "time": 1e9 + s, f"{split}/accuracy": a, f"{split}/correct": round(a * 100),
+               f"{split}/seen": 10000} for s, a, _ in history]
     folder.metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
     if summary:
         last = history[-1]
+        test = last[1] if test is None else test
+        best = max(history, key=lambda h: (h[1], -h[0]))
         folder.summary.write_text(json.dumps({
-            "train_accuracy": 91.25, "train_correct": 1825, "train_seen": 2000, "test_accuracy": last[1],
-            "test_correct": round(last[1] * 100), "test_seen": 10000, "train_seconds": last[2], "steps": steps,
+            "train_accuracy": 91.25, "train_correct": 1825, "train_seen": 2000, "test_accuracy": test,
+            "test_correct": round(test * 100), "test_seen": 10000, "train_seconds": last[2], "steps": steps,
             "samples_per_s": steps * 64 / last[2], "num_processes": 1,
-            "history": [{"epoch": 1, "step": s, "test_accuracy": a, "train_seconds": t} for s, a, t in history]}))
+            "best_val_accuracy": best[1] if holdout else None, "best_val_step": best[0] if holdout else None,
+            "history": [{"epoch": 1, "step": s, f"{split}_accuracy": a, "train_seconds": t} for s, a, t in history]}))
     return folder.root
 
 
@@ -160,3 +165,73 @@ def test_no_run_is_a_usage_error():
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, distrnn.report; sys.exit('matplotlib' in sys.modules)"
     assert run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- runs with a validation holdout (data.val_samples): sweeps ---------------------------------------
+
+@pytest.fixture
+def three_trials(tmp_path) -> list[Path]:
+    """Three trials of a sweep, given in task order; their best validation accuracies rank them 1, 2, 0."""
+    return [make_run(tmp_path / "sweep" / str(task), steps=60, lr=lr, history=history, holdout=True, test=test)
+            for task, lr, history, test in [
+                (0, 0.001, [(30, 80.0, 3.0), (60, 88.5, 6.0)], 88.1),
+                (1, 0.002, [(30, 95.25, 2.9), (60, 94.0, 6.25)], 94.37),  # its best was not its last
+                (2, 0.004, [(30, 90.0, 3.1), (60, 91.75, 6.5)], 91.02)]]
+
+
+def test_trials_are_ranked_by_best_validation_accuracy(three_trials, tmp_path):
+    result = distrnn_report(*three_trials, "--output", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    assert header == ("| run | best validation accuracy (step) | steps | training seconds | samples/s | "
+                      "final test accuracy | train accuracy |")  # no test during training: no best-test column
+    assert list(table_rows(result.stdout).items()) == [
+        ("1", ["95.25% (30)", "60", "6.2", "614", "94.37% (9437 / 10000)", "91.25% (1825 / 2000)"]),
+        ("2", ["91.75% (60)", "60", "6.5", "591", "91.02% (9102 / 10000)", "91.25% (1825 / 2000)"]),
+        ("0", ["88.50% (60)", "60", "6.0", "640", "88.10% (8810 / 10000)", "91.25% (1825 / 2000)"]),
+    ]
+
+
+def test_runs_without_a_holdout_come_last_and_keep_the_best_test_column(three_trials, two_runs, tmp_path):
+    result = distrnn_report(two_runs[0], *three_trials, two_runs[1], "--output", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == ["1", "2", "0", "lr-0.001", "lr-0.002"]  # unranked runs keep their order, after
+    assert rows["lr-0.001"][0] == "no holdout" and rows["lr-0.001"][-1] == "90.12% (60)"
+    assert rows["1"][0] == "95.25% (30)" and rows["1"][-1] == "none recorded"  # test only at the end
+
+
+def test_equal_validation_accuracies_keep_the_order_given(tmp_path):
+    paths = [make_run(tmp_path / name, steps=60, lr=0.001, history=[(60, 90.0, 6.0)], holdout=True)
+             for name in ("b", "a", "c")]
+    paths.append(make_run(tmp_path / "d", steps=60, lr=0.001, history=[(60, 90.5, 6.0)], holdout=True))
+    assert [run.label for run in report.ranked(report.load_runs(tuple(map(str, paths))))] == ["d", "b", "a", "c"]
+
+
+def test_a_null_best_validation_accuracy_is_a_run_without_a_holdout(two_runs, tmp_path):
+    """What `distrnn train` writes with data.val_samples=0: the table is the plain one, in the order given."""
+    runs = report.load_runs(tuple(map(str, two_runs)))
+    assert all(run.summary["best_val_accuracy"] is None for run in runs)
+    assert report.ranked(runs) == runs and "validation" not in report.markdown_table(runs)
+
+
+def test_the_accuracy_panels_show_validation_accuracy_of_runs_with_a_holdout(three_trials, two_runs):
+    runs = report.ranked(report.load_runs(tuple(map(str, three_trials))))
+    _, _, acc_step, acc_time = report.draw(runs).axes
+    assert acc_step.get_title() == "validation accuracy against step"
+    assert acc_time.get_ylabel() == "validation accuracy (%)"
+    assert list(acc_step.get_lines()[0].get_ydata()) == [95.25, 94.0]  # trial 1, first in the ranking
+    assert list(acc_time.get_lines()[0].get_xdata()) == [2.9, 6.25]
+    mixed = report.load_runs(tuple(map(str, [*three_trials, two_runs[0]])))
+    _, _, acc_step, _ = report.draw(mixed).axes
+    assert acc_step.get_title() == "validation or test accuracy against step"
+    assert [t.get_text() for t in acc_step.texts] == ["test accuracy (no validation holdout): lr-0.001"]
+    assert list(acc_step.get_lines()[3].get_ydata()) == [85.5, 90.12]  # its test accuracy during training
+
+
+def test_a_damaged_best_validation_accuracy_is_one_line(three_trials, tmp_path):
+    summary = RunFolder(three_trials[2]).summary
+    summary.write_text(summary.read_text().replace('"best_val_step": 60', '"best_val_step": "60"'))
+    line = one_line_error(distrnn_report(*three_trials, "--output", tmp_path / "r.png"))
+    assert str(summary) in line and "best_val_step" in line
+    assert not (tmp_path / "r.png").exists()
