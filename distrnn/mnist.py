@@ -124,12 +124,17 @@ class Split:
         return self.images[index].float().div_(255), self.labels[index]
 
 
-def load_split(data_dir: str | Path, train: bool) -> Split:
-    """A checked split, downloaded first if files are missing (call on one process at a time)."""
-    raw = raw_dir(data_dir)
-    missing = [name for name in RAW_FILES if not (raw / name).is_file()]
+def ensure_downloaded(data_dir: str | Path) -> None:
+    """Download the files that are missing, if any; reads nothing (call on one process per node)."""
+    missing = [name for name in RAW_FILES if not (raw_dir(data_dir) / name).is_file()]
     if missing:
         download(data_dir, missing)
+
+
+def load_split(data_dir: str | Path, train: bool) -> Split:
+    """A checked split, downloaded first if files are missing (call on one process at a time)."""
+    ensure_downloaded(data_dir)
+    raw = raw_dir(data_dir)
     check_files(raw, train)
     images, labels = split_files(raw, train)
     return Split(read_idx(images), read_idx(labels).long())

@@ -14,6 +14,8 @@ from torch import nn
 from distrnn.config import ModelConfig
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+# Mean and std of MNIST's 60,000 training pixels in [0, 1] (torchvision's MNIST example uses the same).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def rnn_dtype_outside_autocast(device_type: str, autocast_enabled: bool, autocast_dtype: torch.dtype) -> torch.dtype | None:
@@ -34,15 +36,23 @@ class StackedRNN(nn.Module):
         self.input_size = cfg.input_size
         self.sequence_length = cfg.sequence_length
         self.all_steps = cfg.head == "all-steps"
+        self.normalize_input = cfg.normalize_input
         extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
         # h0 defaults to zeros, exactly as the seed's explicit torch.zeros.
         self.rnn = _CELLS[cfg.cell](cfg.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **extra)
+        if cfg.recurrent_init == "orthogonal":
+            for name, weight in self.rnn.named_parameters():
+                if name.startswith("weight_hh"):  # per gate block for gru/lstm, whole for rnn
+                    for block in weight.data.chunk(weight.shape[0] // weight.shape[1]):
+                        nn.init.orthogonal_(block)
         head_in = cfg.hidden_size * (cfg.sequence_length if self.all_steps else 1)
         self.fc = nn.Linear(head_in, cfg.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (batch, 1, 28, 28) or (batch, 28, 28); each step reads input_size pixels."""
         x = images.reshape(images.shape[0], self.sequence_length, self.input_size)
+        if self.normalize_input:
+            x = (x - MNIST_MEAN) / MNIST_STD
         device = x.device.type
         dtype = rnn_dtype_outside_autocast(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         out = self.recurrent(x) if dtype is None else self.recurrent_in(x, dtype)

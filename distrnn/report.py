@@ -42,8 +42,9 @@ FIGURE_INCHES, DPI = (12.0, 9.0), 100
 PIXELS = (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI))  # (width, height) of the PNG
 TIME_METRIC = "train/seconds"
 # What the table needs from summary.json; a summary without one of them is refused by name.
-SUMMARY_KEYS = ("steps", "train_seconds", "samples_per_s", "test_accuracy", "test_correct", "test_seen",
-                "train_accuracy", "train_correct", "train_seen")
+SUMMARY_KEYS = ("steps", "train_seconds", "samples_per_s", "test_accuracy", "test_correct", "test_seen")
+# Null in runs with train.eval_train_set: false (all three), numbers otherwise.
+TRAIN_SET_KEYS = ("train_accuracy", "train_correct", "train_seen")
 # Only in runs with a validation holdout (data.val_samples); null or absent otherwise.
 VAL_ACCURACY, VAL_STEP = "best_val_accuracy", "best_val_step"
 MIXED_ACCURACY = "validation or test accuracy"  # the accuracy panels' name when only some runs have a holdout
@@ -92,7 +93,9 @@ def read_summary(folder: RunFolder) -> dict[str, Any]:
         raise DistrnnError(f"{folder.summary} is unreadable ({first_line(e, 100)})") from None
     if not isinstance(summary, dict):
         raise DistrnnError(f"{folder.summary} is not a distrnn summary (not a JSON object)")
-    missing = [key for key in SUMMARY_KEYS if not _is_number(summary.get(key))]
+    train_set_skipped = all(key in summary and summary[key] is None for key in TRAIN_SET_KEYS)
+    required = SUMMARY_KEYS if train_set_skipped else SUMMARY_KEYS + TRAIN_SET_KEYS
+    missing = [key for key in required if not _is_number(summary.get(key))]
     if missing:
         listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DistrnnError(f"{folder.summary} lacks numbers for {listed}; was it written by `distrnn train`?")
@@ -202,7 +205,8 @@ def row_cells(run: Run) -> list[str]:
     s = run.summary
     return [run.label.replace("|", "\\|"), str(s["steps"]), f"{s['train_seconds']:.1f}", f"{s['samples_per_s']:.0f}",
             f"{s['test_accuracy']:.2f}% ({s['test_correct']} / {s['test_seen']})",
-            f"{s['train_accuracy']:.2f}% ({s['train_correct']} / {s['train_seen']})"]
+            "not evaluated" if s["train_accuracy"] is None  # train.eval_train_set: false
+            else f"{s['train_accuracy']:.2f}% ({s['train_correct']} / {s['train_seen']})"]
 
 
 def markdown_table(runs: list[Run]) -> str:

@@ -28,7 +28,7 @@ from distrnn.config import Config
 from distrnn.distributed import agree, dist_mean, dist_sum, from_main, main_print
 from distrnn.errors import DistrnnError
 from distrnn.metrics import Evaluation, Mistake, evaluate_with_mistakes, exact_accuracy
-from distrnn.mnist import Split, load_split
+from distrnn.mnist import Split, ensure_downloaded, load_split
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.model_files import save_model, save_model_folder
 from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, total_norm
@@ -105,6 +105,7 @@ class Trainer:
         self.last_test: Evaluation | None = None
         self.mistakes: list[Mistake] = []
         self.skipped_steps = 0  # updates the fp16 grad scaler skipped (overflow), since this start
+        self.eval_seconds = 0.0  # spent evaluating, since this start (the benchmark weighs it against training)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class Trainer:
         data, device = self.cfg.data, self.accelerator.device
         # One process per node downloads missing files; then every rank reads and checks its own copy
         # (node-local disks can differ), and identical errors are printed once.
-        agree(self.accelerator, lambda: load_split(data.dir, False), here=self.accelerator.is_local_main_process)
+        agree(self.accelerator, lambda: ensure_downloaded(data.dir), here=self.accelerator.is_local_main_process)
         train_set, test_set = agree(self.accelerator, lambda: (load_split(data.dir, True), load_split(data.dir, False)))
         pool = train_set.first(data.train_samples)
         self.train_indices, held = loaders.hold_out(len(pool), data.val_samples, self.cfg.train.seed)
@@ -219,7 +220,7 @@ class Trainer:
         p = self.position
         with self.accelerator.accumulate(self.model):
             logits = self.model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
             self.running_correct += (logits.argmax(dim=1) == labels).sum()
             self.running_seen += labels.numel()
             self.accelerator.backward(self.guard.loss_for_backward(loss, p.global_step, p.step_in_epoch,
@@ -337,12 +338,15 @@ class Trainer:
         return evaluation
 
     def count(self, split: Split, mistakes: bool = False) -> Evaluation:
+        start = time.perf_counter()
         with self.clock.paused(), self.epoch_clock.paused():
             if not mistakes:
-                return exact_accuracy(self.accelerator, self.model, split, self.cfg.train.eval_batch_size)
-            evaluation, self.mistakes = evaluate_with_mistakes(self.accelerator, self.model, split,
-                                                               self.cfg.train.eval_batch_size, MISTAKES)
-            return evaluation
+                evaluation = exact_accuracy(self.accelerator, self.model, split, self.cfg.train.eval_batch_size)
+            else:
+                evaluation, self.mistakes = evaluate_with_mistakes(self.accelerator, self.model, split,
+                                                                   self.cfg.train.eval_batch_size, MISTAKES)
+        self.eval_seconds += time.perf_counter() - start
+        return evaluation
 
     def best_validation(self) -> tuple[float, int] | None:
         """(accuracy, step) of the best validation so far (the earliest of equals); from the history a
@@ -403,14 +407,16 @@ class Trainer:
             self.log.log({"test/accuracy": self.last_test.percent, "test/correct": self.last_test.correct,
                           "test/seen": self.last_test.seen}, self.position.global_step)
         test = self.last_test
-        train_split = self.train_split.to(self.accelerator.device)
-        train_acc = exact_accuracy(self.accelerator, self.model, train_split, self.cfg.train.eval_batch_size)
-        for label, accuracy in [("training", train_acc), ("test", test)]:
-            self.say(f"Accuracy on {label} data:")
-            self.say(accuracy.report())
+        train_acc = None
+        if self.cfg.train.eval_train_set:
+            train_acc = self.count(self.train_split.to(self.accelerator.device))
+            self.say("Accuracy on training data:")
+            self.say(train_acc.report())
+        self.say("Accuracy on test data:")
+        self.say(test.report())
         summary = self.summary(train_acc, test)
-        self.log.log({"train/accuracy": train_acc.percent, "final/test_accuracy": test.percent},
-                     self.position.global_step)
+        self.log.log({**({"train/accuracy": train_acc.percent} if train_acc else {}),
+                      "final/test_accuracy": test.percent}, self.position.global_step)
         self.log.summary(summary)
         state = self.accelerator.get_state_dict(self.model)
         pictures = [(self.test_set.images[m.index].cpu().numpy(), m) for m in self.mistakes]
@@ -424,12 +430,14 @@ class Trainer:
         agree(self.accelerator, write, here=self.accelerator.is_main_process)
         return summary
 
-    def summary(self, train_acc: Evaluation, test: Evaluation) -> dict[str, Any]:
+    def summary(self, train_acc: Evaluation | None, test: Evaluation) -> dict[str, Any]:
+        """train_* are null when train.eval_train_set is off."""
         seconds = self.clock.seconds
         return {
-            "train_accuracy": train_acc.percent, "train_correct": train_acc.correct, "train_seen": train_acc.seen,
+            "train_accuracy": train_acc and train_acc.percent, "train_correct": train_acc and train_acc.correct,
+            "train_seen": train_acc and train_acc.seen,
             "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
-            "train_seconds": seconds,
+            "train_seconds": seconds, "eval_seconds": self.eval_seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
             "global_batch": self.global_batch,
             "steps": self.position.global_step, "num_processes": self.accelerator.num_processes,

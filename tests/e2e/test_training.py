@@ -166,3 +166,29 @@ def test_wandb_holds_the_confusion_matrix_and_the_mistakes(smoke_run):
     assert len(mistakes["data"]) == min(25, 10_000 - confusion["test_correct"])
     assert all(t != p and 0 < prob <= 1 for _, t, p, prob in mistakes["data"])
     assert summary["test/confusion"]["_type"] == "image-file"
+
+
+def test_label_smoothing_reaches_the_loss_and_the_training_set_evaluation_can_be_left_out(tmp_path, data_dir):
+    def run(name: str, *extra: str) -> tuple[subprocess.CompletedProcess, float, dict]:
+        out = tmp_path / name
+        result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--no-wandb", "--resume", "never",
+                         "--data-dir", str(data_dir), "--output-dir", str(out), "data.train_samples=128",
+                         "data.test_samples=500", "train.log_every=1", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return result, next(m["train/loss"] for m in losses if "train/loss" in m), json.loads(
+            (out / "summary.json").read_text())
+
+    plain, plain_loss, plain_summary = run("plain")
+    smoothed, smoothed_loss, summary = run("smoothed", "optim.label_smoothing=0.1", "train.eval_train_set=false")
+    # The first step's loss: same weights and batch, so only the smoothing can change it (upwards).
+    assert smoothed_loss > plain_loss + 1e-3
+    assert counts(plain.stdout) == [(plain_summary["train_correct"], 128), (plain_summary["test_correct"], 500)]
+    assert counts(smoothed.stdout) == [(summary["test_correct"], 500)]  # only the test line
+    assert "Accuracy on training data" not in smoothed.stdout
+    assert (summary["train_accuracy"], summary["train_correct"], summary["train_seen"]) == (None, None, None)
+    assert summary["eval_seconds"] > 0 and summary["test_seen"] == 500
+    report = distrnn("report", str(tmp_path / "plain"), str(tmp_path / "smoothed"), "--output",
+                     str(tmp_path / "report.png"), "--markdown", str(tmp_path / "report.md"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "not evaluated" in (tmp_path / "report.md").read_text()

@@ -73,3 +73,28 @@ def test_rnn_run_by_hand_in_bf16_trains_the_fp32_weights():
     out.float().sum().backward()
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
                for p in model.rnn.parameters())
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_orthogonal_init_makes_each_recurrent_block_orthogonal(cell):
+    torch.manual_seed(0)
+    model = StackedRNN(build_config(overrides=[f"model.cell={cell}", "model.recurrent_init=orthogonal"]).model)
+    default = StackedRNN(build_config(overrides=[f"model.cell={cell}"]).model)
+    for name, weight in model.rnn.named_parameters():
+        blocks = weight.detach().chunk(weight.shape[0] // 256) if name.startswith("weight_hh") else []
+        for block in blocks:  # one for rnn, one per gate for gru (3) and lstm (4)
+            assert torch.allclose(block @ block.T, torch.eye(256), atol=1e-4), name
+    hh = default.rnn.weight_hh_l0.detach()[:256]
+    assert not torch.allclose(hh @ hh.T, torch.eye(256), atol=1e-2)  # the uniform default is not
+    assert count_parameters(model) == count_parameters(default)
+
+
+def test_normalized_input_is_the_same_model_on_standardised_pixels():
+    torch.manual_seed(0)
+    plain = StackedRNN(build_config().model)
+    normalized = StackedRNN(build_config(overrides=["model.normalize_input=true"]).model)
+    normalized.load_state_dict(plain.state_dict())  # no extra parameters or buffers: same keys
+    images = torch.rand(4, 1, 28, 28)
+    expected = plain((images - 0.1307) / 0.3081)
+    assert torch.allclose(normalized(images), expected, atol=1e-6)
+    assert not torch.allclose(plain(images), expected, atol=1e-3)
