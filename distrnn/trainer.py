@@ -433,9 +433,9 @@ class Trainer:
     def summary(self, train_acc: Evaluation | None, test: Evaluation) -> dict[str, Any]:
         """train_* are null when train.eval_train_set is off."""
         seconds = self.clock.seconds
+        train = (train_acc.percent, train_acc.correct, train_acc.seen) if train_acc is not None else (None,) * 3
         return {
-            "train_accuracy": train_acc and train_acc.percent, "train_correct": train_acc and train_acc.correct,
-            "train_seen": train_acc and train_acc.seen,
+            **dict(zip(("train_accuracy", "train_correct", "train_seen"), train)),
             "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
             "train_seconds": seconds, "eval_seconds": self.eval_seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
