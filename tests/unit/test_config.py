@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distrnn.config import (CONSTANT_SCHEDULE, FREE, MATCH, Config, all_keys, build_config, changes_since, flatten,
-                            key_fields, load_config)
+                            key_fields, load_config, read_yaml)
 from distrnn.errors import ConfigError
 from tests.helpers import REPO
 
@@ -70,6 +70,10 @@ def test_yaml_float_without_dot_is_a_number(tmp_path):
         (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
         (["model.cell=transformer"], "config key 'model.cell' must be one of rnn, gru, lstm, got 'transformer'"),
         (["train.precision=fp8"], "config key 'train.precision' must be one of no, fp16, bf16, got 'fp8'"),
+        (["model.recurrent_init=xavier"],
+         "config key 'model.recurrent_init' must be one of pytorch, orthogonal, got 'xavier'"),
+        (["optim.label_smoothing=1.0"], "config key 'optim.label_smoothing' must be in [0, 1), got 1.0"),
+        (["train.eval_train_set=maybe"], "config key 'train.eval_train_set' must be true or false, got 'maybe'"),
         (["model.sequence_length=27"], "must be 784 (one 28x28 MNIST image), got 28 x 27"),
         (["model.cell=gru", "model.nonlinearity=relu"], "model.nonlinearity=relu applies only to model.cell=rnn"),
         (["wandb.enabled=maybe"], "config key 'wandb.enabled' must be true or false, got 'maybe'"),
@@ -149,7 +153,20 @@ def test_shipped_configs_load_by_name_and_by_path(name):
 def test_shipped_configs_differ_where_they_say():
     fast, smoke = load_config("fast"), load_config("smoke")
     assert (fast.train.batch_size, fast.train.precision, fast.optim.schedule) == (512, "bf16", "onecycle")
+    assert (fast.train.epochs, fast.model.recurrent_init, fast.model.normalize_input, fast.optim.label_smoothing,
+            fast.train.eval_train_set, fast.train.eval_every, fast.data.val_samples) == (
+        2, "orthogonal", True, 0.1, False, None, 0)  # tuned on a holdout, shipped without one
     assert (smoke.data.train_samples, smoke.train.epochs) == (10_000, 1)
+
+
+def test_the_fast_ablation_lines_each_undo_what_fast_yaml_says():
+    """sweeps/fast_ablation.txt (quoted in fast.yaml's header): each line loads on top of the fast config."""
+    lines = (REPO / "sweeps" / "fast_ablation.txt").read_text().splitlines()
+    base = read_yaml(REPO / "configs" / "fast.yaml")
+    steps = [build_config(base, ["data.val_samples=5000", *line.split()]) for line in lines]
+    assert [(c.model.normalize_input, c.model.recurrent_init, c.optim.label_smoothing, c.train.seed)
+            for c in steps] == [(False, "pytorch", 0.0, 0), (True, "pytorch", 0.0, 0), (True, "orthogonal", 0.0, 0),
+                                (True, "orthogonal", 0.1, 0), (True, "orthogonal", 0.1, 1)]
 
 
 @pytest.mark.parametrize(
