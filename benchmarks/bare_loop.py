@@ -34,8 +34,8 @@ def main() -> None:
     # The optimizer distrnn uses (fused Adam), so the gap measured is the framework's, not the optimizer's.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     steps = max(args.samples // args.batch_size, 1)
-    batches = [(torch.rand(args.batch_size, 28, 28, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
-               for _ in range(16)]
+    batches = [(torch.rand(args.batch_size, 28, 28, device=device),
+                torch.randint(0, 10, (args.batch_size,), device=device)) for _ in range(16)]
 
     def step(i: int) -> None:
         images, labels = batches[i % len(batches)]

@@ -73,7 +73,8 @@ def run_seed(args, env) -> dict:
 def distrnn_command(args, config: str, processes: int, out: Path) -> list[str]:
     mode = "cpu" if args.device == "cpu" else ("gpu" if processes == 1 else "ddp")
     return [str(Path(sys.executable).parent / "distrnn"), "train", "--mode", mode, "--num-processes", str(processes),
-            "--config", config, "--data-dir", args.data_dir, "--output-dir", str(out), "--no-wandb", "--resume", "never"]
+            "--config", config, "--data-dir", args.data_dir, "--output-dir", str(out), "--no-wandb",
+            "--resume", "never"]
 
 
 def run_distrnn(args, env, config: str, processes: int, workdir: Path, extra: tuple[str, ...] = ()) -> dict:

@@ -6,8 +6,9 @@
 Each run trains into runs/results/<name>/ (W&B off, a fresh start); the table is rendered from
 their summary.json files, saved with the commit they ran on in benchmarks/results/readme_results.json,
 and written between the README's results markers; the default run's confusion.png and errors.png,
-and `distrnn report` over the default and fast runs, are copied to docs/ for the README. A test
-checks that the README's table is exactly what this renders from that file, so the numbers cannot drift from the command that made them.
+and `distrnn report` over the default and fast runs, are copied to docs/ for the README.
+A test checks that the README's table is exactly what this renders from that file, so the numbers
+cannot drift from the command that made them.
 """
 
 from __future__ import annotations

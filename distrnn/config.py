@@ -354,13 +354,20 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"config key '{name}' must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _validate_choices(cfg: Config) -> None:
+    m = cfg.model
+    for name, value, choices in [
+        ("model.cell", m.cell, CELLS), ("model.nonlinearity", m.nonlinearity, NONLINEARITIES),
+        ("model.head", m.head, HEADS), ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
+        ("optim.schedule", cfg.optim.schedule, SCHEDULES), ("train.precision", cfg.train.precision, PRECISIONS),
+        ("data.loader", cfg.data.loader, LOADERS),
+    ]:
+        _choice(name, value, choices)
+
+
 def validate(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for name, value, choices in [("model.cell", m.cell, CELLS), ("model.nonlinearity", m.nonlinearity, NONLINEARITIES),
-                                 ("model.head", m.head, HEADS), ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
-                                 ("optim.schedule", o.schedule, SCHEDULES), ("train.precision", t.precision, PRECISIONS),
-                                 ("data.loader", d.loader, LOADERS)]:
-        _choice(name, value, choices)
+    _validate_choices(cfg)
     for name, value in [
         ("model.input_size", m.input_size),
         ("model.hidden_size", m.hidden_size),
@@ -388,7 +395,8 @@ def validate(cfg: Config) -> None:
     _check(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
     _check(0 < o.pct_start < 1, f"config key 'optim.pct_start' must be between 0 and 1, got {o.pct_start}")
     _check(o.grad_clip is None or o.grad_clip > 0, f"config key 'optim.grad_clip' must be > 0 or null, got {o.grad_clip}")
-    _check(0 <= o.label_smoothing < 1, f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
+    _check(0 <= o.label_smoothing < 1,
+           f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
     _check(t.seed >= 0, f"config key 'train.seed' must be >= 0, got {t.seed}")
     _check(d.num_workers >= 0, f"config key 'data.num_workers' must be >= 0, got {d.num_workers}")
     for name, value, limit in [

@@ -415,7 +415,7 @@ class Trainer:
         self.say("Accuracy on test data:")
         self.say(test.report())
         summary = self.summary(train_acc, test)
-        self.log.log({**({"train/accuracy": train_acc.percent} if train_acc else {}),
+        self.log.log({**({"train/accuracy": train_acc.percent} if train_acc is not None else {}),
                       "final/test_accuracy": test.percent}, self.position.global_step)
         self.log.summary(summary)
         state = self.accelerator.get_state_dict(self.model)
