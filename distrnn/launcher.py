@@ -159,9 +159,20 @@ def run_accelerate(p: Plan, module: str, worker_args: list[str]) -> int:
     except subprocess.CalledProcessError as e:
         return _worker_exit(0, e.returncode)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        return _worker_exit(rank, failure.exitcode)
+        return failed_workers_exit(e)
     return 0
+
+
+def failed_workers_exit(error) -> int:
+    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed.
+
+    A killed rank is the cause: the others' errors ("lost contact with another rank") follow from it.
+    torchrun's get_first_failure() orders by whole-second timestamps, so when the agent sees both in
+    one poll they tie and it answers the lowest rank; a signal's victim is looked for first instead.
+    """
+    killed = sorted(rank for rank, failure in error.failures.items() if failure.exitcode < 0)
+    rank = killed[0] if killed else error.get_first_failure()[0]
+    return _worker_exit(rank, error.failures[rank].exitcode)
 
 
 def _worker_exit(rank: int, code: int) -> int:

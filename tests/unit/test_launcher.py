@@ -105,3 +105,22 @@ def test_the_accelerate_internals_the_launcher_relies_on_still_work():
         pytest.fail(f"{hint} ({type(e).__name__}: {e})")
     assert getattr(passed, "signals_to_handle", None) == AGENT_SIGNALS, hint
     assert args.config_file == str(launcher.launch_config("cpu_multi.yaml")) and args.num_processes == 2, hint
+
+
+def test_a_rank_killed_by_a_signal_is_named_even_when_another_failed_in_the_same_second(capsys):
+    """torchrun orders failures by whole-second timestamps: a killed rank 1 and rank 0's "lost contact"
+    error, seen in the same poll, tie, and its "first failure" is then rank 0 (the CI run of 24f3ef4)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {0: ProcessFailure(0, 101, 1, "/nonexistent"), 1: ProcessFailure(1, 102, -9, "/nonexistent")}
+    failures[0].timestamp = failures[1].timestamp  # the tie, made certain
+    assert launcher.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 128 + 9
+    assert "worker rank 1 was killed by SIGKILL" in capsys.readouterr().err
+
+
+def test_a_worker_that_raised_keeps_its_exit_code_and_prints_nothing_more(capsys):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {1: ProcessFailure(1, 102, 1, "/nonexistent")}
+    assert launcher.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
+    assert capsys.readouterr().err == ""
