@@ -5,6 +5,8 @@ Tests marked `slow` start real training processes (`make test`); the rest are `m
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import pytest
 
 from distrnn import mnist
 
-from tests.helpers import IN_CI, distrnn, mnist_dir
+from tests.helpers import BIN, IN_CI, REPO, distrnn, mnist_dir
+
+SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
 
 
 def pytest_configure(config) -> None:
@@ -25,6 +29,18 @@ def require(condition: bool, message: str) -> None:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def slurm_environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment the SLURM tests submit with, once a cluster answers (tests/slurm/cluster.sh up)."""
+    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
+           "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent), "WANDB_MODE": "offline", **extra}
+    env.pop("DISTRNN_DEBUG", None)
+    ok = shutil.which("sbatch") and SLURM_CONF.is_file() and subprocess.run(
+        ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
+    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
+    (REPO / "logs").mkdir(exist_ok=True)
+    return env
 
 
 @pytest.fixture(scope="session")

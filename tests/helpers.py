@@ -40,6 +40,14 @@ def start_distrnn(*args: str, env: dict[str, str] | None = None) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
+def train_small_model(out: Path, data_dir: Path) -> Path:
+    """A smoke-config model on 2000 training images, in one CPU process (for predict and export tests)."""
+    result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=2000", "--no-wandb",
+                     "--data-dir", str(data_dir), "--output-dir", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
 def counts(output: str) -> list[tuple[int, int]]:
     """Every 'Got C / N with accuracy A' line as (C, N)."""
     return [(int(c), int(n)) for c, n in re.findall(r"^Got (\d+) / (\d+) with accuracy [\d.]+$", output, re.M)]

@@ -15,7 +15,7 @@ from distrnn import export
 from distrnn.errors import run_cli
 from distrnn.mnist import load_split
 from distrnn.model_files import load_model
-from tests.helpers import BIN, distrnn, one_line_error, run
+from tests.helpers import BIN, one_line_error, run, train_small_model
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,7 @@ def distrnn_export(*args: str | Path, env: dict[str, str] | None = None):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir) -> Path:
-    out = tmp_path_factory.mktemp("export") / "run"
-    result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=2000", "--no-wandb",
-                     "--data-dir", str(data_dir), "--output-dir", str(out), timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+    return train_small_model(tmp_path_factory.mktemp("export") / "run", data_dir)
 
 
 @pytest.fixture(scope="module")

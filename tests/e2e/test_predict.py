@@ -18,7 +18,7 @@ from PIL import Image
 
 from distrnn.mnist import IMAGES_MAGIC, Split, load_split
 from distrnn.model_files import load_model
-from tests.helpers import BIN, distrnn, one_line_error, run
+from tests.helpers import BIN, one_line_error, run, train_small_model
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +50,7 @@ def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory, data_dir) -> Path:
-    out = tmp_path_factory.mktemp("predict") / "run"
-    result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=2000", "--no-wandb",
-                     "--data-dir", str(data_dir), "--output-dir", str(out), timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+    return train_small_model(tmp_path_factory.mktemp("predict") / "run", data_dir)
 
 
 @pytest.fixture(scope="module")

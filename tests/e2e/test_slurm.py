@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, distrnn
+from tests.conftest import slurm_environment
+from tests.helpers import REPO, counts, distrnn
 
-SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
 SMOKE = ["--config", "smoke"]
 
 pytestmark = pytest.mark.slow
@@ -24,14 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def slurm_env(data_dir) -> dict[str, str]:
-    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
-           "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent), "WANDB_MODE": "offline"}
-    env.pop("DISTRNN_DEBUG", None)
-    ok = shutil.which("sbatch") and SLURM_CONF.is_file() and subprocess.run(
-        ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
-    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
-    (REPO / "logs").mkdir(exist_ok=True)
-    return env
+    return slurm_environment(data_dir)
 
 
 def sbatch(env: dict[str, str], *args: str, wait: bool = True, timeout: float = 600) -> tuple[int, str]:

@@ -19,10 +19,9 @@ import yaml
 from distrnn import report
 from distrnn.config import load_config
 from distrnn.run_folder import RunFolder
-from tests.conftest import require
+from tests.conftest import slurm_environment
 from tests.helpers import BIN, REPO, one_line_error, run
 
-SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
 SCRIPT = "slurm/sweep_array.sh"
 LEARNING_RATES = ("0.0005", "0.002", "0.001")  # one task each, in this order
 # 4000 images (3500 trained, 500 held out): ~55 steps, time enough to preempt one task mid-way.
@@ -76,15 +75,8 @@ def test_the_example_grid_is_valid_for_the_fast_config_and_the_usage_line_matche
 
 @pytest.fixture(scope="module")
 def slurm_env(data_dir) -> dict[str, str]:
-    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
-           "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent), "WANDB_MODE": "offline",
-           "DISTRNN_OUTPUT_DIR": "runs/must-be-ignored"}  # a stale one from slurm/train.sh must not be shared
-    env.pop("DISTRNN_DEBUG", None)
-    ok = shutil.which("sbatch") and SLURM_CONF.is_file() and subprocess.run(
-        ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
-    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
-    (REPO / "logs").mkdir(exist_ok=True)
-    return env
+    # A stale DISTRNN_OUTPUT_DIR (one slurm/train.sh reads) must not be shared by the tasks.
+    return slurm_environment(data_dir, DISTRNN_OUTPUT_DIR="runs/must-be-ignored")
 
 
 def job_state(env: dict[str, str], job: str) -> str:
