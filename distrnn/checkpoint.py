@@ -1,4 +1,5 @@
-"""Atomic training checkpoints: saving, pruning, and choosing the one to resume from.
+"""Atomic training checkpoints: choosing the one to resume from, restoring it, saving, pruning, and
+the best model (`Checkpointer`, the trainer's component; the functions below are its parts).
 
 A checkpoint is what `accelerator.save_state` writes (model, optimizer, scheduler, sampler, every
 rank's RNG states) plus meta.json (training position, resolved config, number of processes, W&B
@@ -20,9 +21,11 @@ from typing import Any
 from accelerate import Accelerator
 
 from distrnn import faults
-from distrnn.config import MATCH, Change, Config, changes_since, read_yaml
-from distrnn.distributed import agree, from_main
+from distrnn.config import MATCH, Change, Config, changes_since
+from distrnn.config_values import read_yaml
+from distrnn.distributed import agree, from_main, main_print
 from distrnn.errors import DistrnnError
+from distrnn.model_files import save_model_folder
 from distrnn.run_folder import CheckpointFolder, RunFolder
 
 
@@ -195,3 +198,66 @@ def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
         raise DistrnnError(f"checkpoint {found.path} was saved by {meta['num_processes']} process(es) and this run "
                            f"has {num_processes}; resume with --num-processes {meta['num_processes']}")
     return changes if meta is not None else []
+
+
+class Checkpointer:
+    """The trainer's checkpoints: where to resume, restoring, saving (and pruning), the best model.
+
+    Collectives (every rank calls each, the main process alone touches the shared folder):
+    `resume_point` (one gather and one broadcast), `restore` (accelerate's load_state, which reads
+    every rank's own RNG file), `save` (three agreements around save_state), `save_best` (one agreement).
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int):
+        self.accelerator, self.cfg, self.folder = accelerator, cfg, folder
+        self.say = main_print(accelerator)
+        self.bytes = estimated_bytes(parameters, accelerator.num_processes)
+        accelerator.register_save_state_pre_hook(untie_weights)
+        accelerator.register_load_state_pre_hook(load_weights)
+
+    def resume_point(self) -> tuple[CheckpointFolder | None, dict[str, Any] | None]:
+        """The checkpoint to continue from and its meta.json (None, None for a fresh start), after the
+        run folder passed its checks; the main process decides and every rank uses its answer."""
+        cfg, acc = self.cfg, self.accelerator
+
+        def decide():
+            found, warnings = find_resume(self.folder, cfg.checkpoint.resume)
+            meta = read_meta(found) if found else None
+            changes = check_resume(self.folder, cfg, found, meta, acc.num_processes)
+            self.folder.prepare(cfg.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20)
+            for warning in warnings:
+                self.say(f"warning: {warning}")
+            for change in changes:
+                self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
+            return found, meta
+
+        return from_main(acc, agree(acc, decide, here=acc.is_main_process))
+
+    def restore(self, found: CheckpointFolder | None, meta: dict[str, Any] | None, optimizer,
+                constant_lr: bool, batches_per_epoch: int) -> Position:
+        """Model, optimizer, scheduler, sampler and RNG states from `found`; where training stands."""
+        if not meta:
+            return Position()
+        self.accelerator.load_state(str(found.path))
+        if constant_lr:  # load_state restored the saved lr; a changed one applies from here on
+            for group in optimizer.param_groups:
+                group["lr"] = self.cfg.optim.lr
+        position = Position(**meta["position"])
+        self.say(f"resumed from {found.path}: epoch {position.epoch + 1}, batch {position.step_in_epoch} of "
+                 f"{batches_per_epoch}, step {position.global_step}")
+        return position
+
+    def save(self, position: Position, model, wandb_id: str | None) -> Path:
+        start = time.perf_counter()
+        path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id},
+                    keep=self.cfg.checkpoint.keep, needed_bytes=self.bytes + 2**20,
+                    tensors=list(self.accelerator.unwrap_model(model).state_dict()))
+        self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        return path
+
+    def save_best(self, model, accuracy: float, step: int) -> None:
+        """checkpoint.keep_best: the model with the best validation accuracy so far, in RUN/best/."""
+        state = self.accelerator.get_state_dict(model)
+        agree(self.accelerator, lambda: save_model_folder(state, self.cfg.to_dict(), self.folder.best),
+              here=self.accelerator.is_main_process)
+        self.say(f"best validation accuracy so far: {accuracy:.2f}% at step {step}; model saved in {self.folder.best}")

@@ -10,16 +10,22 @@ from typing import Any
 
 import click
 
-from distrnn import devices, launcher
+from distrnn import devices, processes
 from distrnn.config import default_data_dir, load_config
 from distrnn.devices import check_precision
 from distrnn.errors import DistrnnError, run_cli
-from distrnn.options import CONFIG_OPTIONS, EVALUATE_OPTIONS, overrides_from, to_args, with_options
+from distrnn.options import (
+    CONFIG_OPTIONS,
+    EVALUATE_OPTIONS,
+    overrides_from,
+    to_args,
+    with_options,
+)
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 mode_option = click.option(
-    "--mode", type=click.Choice(launcher.MODES), default="auto", show_default=True,
+    "--mode", type=click.Choice(processes.MODES), default="auto", show_default=True,
     help="auto: DDP on all GPUs if several, one GPU if one, else CPU.",
 )
 processes_option = click.option(
@@ -32,7 +38,7 @@ class Commands(click.Group):
     """The tools after training are imported when named: `distrnn train` does not pay for matplotlib
     (report) or onnx (export)."""
 
-    TOOLS = {"predict": "distrnn.predict", "export": "distrnn.export", "report": "distrnn.report"}
+    TOOLS = {"predict": "distrnn.tools.predict", "export": "distrnn.tools.export", "report": "distrnn.tools.report"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.TOOLS]
@@ -52,38 +58,38 @@ def main(debug: bool) -> None:
 
 
 @with_options(CONFIG_OPTIONS)
-@main.command(context_settings=_CONTEXT)
+@main.command(name="train", context_settings=_CONTEXT)
 @mode_option
 @processes_option
 @click.option("--num-machines", type=int, default=1, show_default=True, help="Machines in a multi-node run.")
 @click.option("--machine-rank", type=int, default=None, help="This machine's rank (0 on the main machine).")
 @click.option("--main-process-ip", default=None, help="Address of the machine with rank 0.")
 @click.option("--main-process-port", type=int, default=None, help="Rendezvous port on the machine with rank 0.")
-def train(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
+def train_command(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
           main_process_ip: str | None, main_process_port: int | None, **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
-    plan = launcher.plan(mode, num_processes)
-    plan = launcher.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
+    plan = processes.plan(mode, num_processes)
+    plan = processes.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
-    sys.exit(launcher.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params)))
+    sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params)))
 
 
 @with_options(EVALUATE_OPTIONS)
-@main.command(context_settings=_CONTEXT)
+@main.command(name="evaluate", context_settings=_CONTEXT)
 @mode_option
 @processes_option
-def evaluate(mode: str, num_processes: int | None, **params: Any) -> None:
+def evaluate_command(mode: str, num_processes: int | None, **params: Any) -> None:
     """Exact train and test accuracy of a saved model, sharded across processes."""
     from distrnn.model_files import load_model
 
     load_model(params["checkpoint"])  # a missing or torn file fails here with one line
-    plan = launcher.plan(mode, num_processes)
-    sys.exit(launcher.launch(plan, "distrnn.evaluate", to_args(EVALUATE_OPTIONS, params)))
+    plan = processes.plan(mode, num_processes)
+    sys.exit(processes.launch(plan, "distrnn.evaluate", to_args(EVALUATE_OPTIONS, params)))
 
 
-@main.command(context_settings=_CONTEXT)
-def env() -> None:
+@main.command(name="env", context_settings=_CONTEXT)
+def env_command() -> None:
     """Versions, devices, and the launch config `--mode auto` would use."""
     import torch
 
@@ -110,7 +116,7 @@ def env() -> None:
                    f"{'native' if devices.gpu_bf16_supported() else 'no'})")
     click.echo(f"data dir     {default_data_dir()}")
     try:
-        plan = launcher.plan("auto", None, gpus)
+        plan = processes.plan("auto", None, gpus)
     except DistrnnError as e:
         click.echo(f"auto mode    refused: {e}")
         return
@@ -119,7 +125,7 @@ def env() -> None:
 
 
 def entry() -> None:
-    run_cli(main, prog="distrnn")
+    sys.exit(run_cli(main, prog="distrnn"))
 
 
 if __name__ == "__main__":

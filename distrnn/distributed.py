@@ -13,8 +13,13 @@ import click
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list,
-                              gather_object, set_seed)
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 
 from distrnn.devices import check_precision, set_numerics
 from distrnn.errors import DistrnnError, Quiet, first_line, run_cli
@@ -155,15 +160,12 @@ def run_worker(command: click.Command, prog: str) -> NoReturn:
     while the interpreter finalized, a native thread outliving the process group; 0 of 80 with
     os._exit after flushing what Python would have flushed.
     """
-    try:
-        run_cli(command, prog)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise
-        if "wandb" in sys.modules:  # its service process is stopped by an atexit handler otherwise
-            sys.modules["wandb"].teardown()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    code = run_cli(command, prog)
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        sys.exit(code)
+    if "wandb" in sys.modules:  # its service process is stopped by an atexit handler otherwise
+        sys.modules["wandb"].teardown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

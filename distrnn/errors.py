@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import click
 
@@ -64,26 +63,36 @@ def print_error(prog: str, error: DistrnnError) -> None:
     click.echo(f"{prog}: error{where()}: {error}", err=True)
 
 
-def run_cli(command: click.Command, prog: str, args: list[str] | None = None) -> None:
-    """Run a Click command; bad input ends in one line on stderr and a non-zero exit, no traceback."""
+def exit_status(code: object) -> int:
+    """What a process exits with for `sys.exit(code)`: None is 0, an int itself, anything else 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def run_cli(command: click.Command, prog: str, args: list[str] | None = None) -> int:
+    """Run a Click command and return its exit status: the one place exit codes are decided. Bad input
+    ends in one line on stderr and a non-zero status, no traceback."""
     try:
         command.main(args=args, prog_name=prog, standalone_mode=False)
+    except SystemExit as e:  # a command that ends with sys.exit (the launcher, with its workers' status)
+        return exit_status(e.code)
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click.ClickException as e:  # usage errors: Click would print usage + blank line + error
         if debug_enabled():
             raise
         ctx = getattr(e, "ctx", None)
         if this_rank() == 0:  # every rank parses the same command line
             click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)", err=True)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click.Abort:
-        sys.exit(130)
+        return 130
     except DistrnnError as e:
         if debug_enabled() and not isinstance(e, Quiet):
             raise
         print_error(prog, e)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(0)
+        return 130
+    return 0

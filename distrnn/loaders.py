@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 
-from distrnn.distributed import shard_indices
-from distrnn.mnist import Split
+from distrnn.config import Config
+from distrnn.distributed import agree, shard_indices
+from distrnn.mnist import Split, ensure_downloaded, load_split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -94,3 +97,44 @@ def torchvision_loader(data_dir: str, indices: list[int], batch_size: int, num_w
 
     dataset = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor(), download=False)
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, num_workers=num_workers)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a run reads: the training images (on the host), their indices into the training file (the
+    torchvision loader reads the file itself), the validation holdout and the test split (on the device)."""
+
+    train: Split
+    train_indices: torch.Tensor
+    val: Split | None
+    test: Split
+
+
+def load_run_data(accelerator: Accelerator, cfg: Config) -> RunData:
+    """Collective. One process per node downloads missing files; then every rank reads and checks its own
+    copy (node-local disks can differ), and identical errors are printed once."""
+    data, device = cfg.data, accelerator.device
+    agree(accelerator, lambda: ensure_downloaded(data.dir), here=accelerator.is_local_main_process)
+    train_set, test_set = agree(accelerator, lambda: (load_split(data.dir, True), load_split(data.dir, False)))
+    pool = train_set.first(data.train_samples)
+    train_indices, held = hold_out(len(pool), data.val_samples, cfg.train.seed)
+    val = pool.take(held).to(device) if data.val_samples else None
+    return RunData(pool.take(train_indices), train_indices, val, test_set.first(data.test_samples).to(device))
+
+
+def make_train_loader(accelerator: Accelerator, cfg: Config, data: RunData):
+    """This rank's training batches: a MemoryLoader, or the torchvision DataLoader prepared (sharded) by
+    Accelerate. Both have len() (batches an epoch) and set_epoch()."""
+    if cfg.data.loader == "memory":
+        return MemoryLoader(data.train.to(accelerator.device), cfg.train.batch_size, cfg.train.seed,
+                            accelerator.process_index, accelerator.num_processes, cfg.train.grad_accum_steps)
+    return accelerator.prepare(torchvision_loader(cfg.data.dir, data.train_indices.tolist(), cfg.train.batch_size,
+                                                  cfg.data.num_workers))
+
+
+def epoch_batches(accelerator: Accelerator, loader, epoch: int, skip: int):
+    """This rank's batches of `epoch` from batch `skip` on (a mid-epoch resume continues at the next unseen one)."""
+    loader.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
+    if isinstance(loader, MemoryLoader):
+        return loader.batches(skip)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader

@@ -4,9 +4,8 @@ The reference (the seed notebook) is nn.RNN(28, 256, 2, tanh) over the 28 rows o
 h0 = zeros, and one linear layer over the outputs of all 28 steps: 276,490 parameters.
 """
 
-from __future__ import annotations
-
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ class StackedRNN(nn.Module):
         self.sequence_length = cfg.sequence_length
         self.all_steps = cfg.head == "all-steps"
         self.normalize_input = cfg.normalize_input
+        self.mean, self.std = MNIST_MEAN, MNIST_STD  # attributes, not globals: TorchScript reads these
         extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
         # h0 defaults to zeros, exactly as the seed's explicit torch.zeros.
         self.rnn = _CELLS[cfg.cell](cfg.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **extra)
@@ -52,9 +52,15 @@ class StackedRNN(nn.Module):
         """images: (batch, 1, 28, 28) or (batch, 28, 28); each step reads input_size pixels."""
         x = images.reshape(images.shape[0], self.sequence_length, self.input_size)
         if self.normalize_input:
-            x = (x - MNIST_MEAN) / MNIST_STD
-        device = x.device.type
-        dtype = rnn_dtype_outside_autocast(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            x = (x - self.mean) / self.std
+        # How to run the RNN under a GPU's autocast is a training-time choice; TorchScript cannot compile it
+        # (no device argument to is_autocast_enabled) and an exported fp32 graph has no use for it. The
+        # scripting compiler skips this branch, so the exported graph is this forward, nothing copied.
+        dtype: Optional[torch.dtype] = None  # TorchScript reads this annotation: no `X | None`
+        if not torch.jit.is_scripting():
+            device = x.device.type
+            dtype = rnn_dtype_outside_autocast(device, torch.is_autocast_enabled(device),
+                                               torch.get_autocast_dtype(device))
         out = self.recurrent(x) if dtype is None else self.recurrent_in(x, dtype)
         features = out.reshape(out.shape[0], -1) if self.all_steps else out[:, -1]
         return self.fc(features)
@@ -63,6 +69,7 @@ class StackedRNN(nn.Module):
         out, _ = self.rnn(x)
         return out
 
+    @torch.jit.unused
     def recurrent_in(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The recurrent layers in `dtype`, outside autocast: copies of the weights in `dtype` (the
         gradients flow back to the fp32 parameters, as under autocast)."""

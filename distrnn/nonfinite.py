@@ -18,8 +18,12 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 
+from distrnn.errors import DistrnnError
 from distrnn.loaders import Batch
+from distrnn.run_folder import RunFolder
 
 CHECK_EVERY = 10  # steps between host reads: a stop signal waits at most this many steps
 
@@ -68,3 +72,23 @@ class NonFiniteGuard:
 def total_norm(parameters) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def raise_nonfinite(accelerator: Accelerator, model: nn.Module, guard: NonFiniteGuard, folder: RunFolder, epoch: int,
+                    loss_step: int, loss_value: float, grad_step: int) -> None:
+    """Raised by each rank whose loss was not finite (or by every rank, for gradients that became
+    non-finite with finite losses), after saving the weights from before that step and the batch
+    (`epoch`: the 0-based epoch in progress)."""
+    step = loss_step if loss_step >= 0 else grad_step
+    if step < 0 or (loss_step < 0 and not accelerator.is_main_process):
+        return  # another rank had it, or (gradients: the same on every rank) the main process reports it
+    entry = guard.entry_at(step)
+    in_epoch, batch = entry if entry else (None, None)
+    folder.debug.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": accelerator.unwrap_model(model).state_dict(), "loss": loss_value,
+                "images": batch[0].cpu() if batch else None, "labels": batch[1].cpu() if batch else None,
+                "global_step": step, "epoch": epoch + 1, "batch": in_epoch},
+               folder.debug_file(step, accelerator.process_index))
+    what = f"the training loss became {loss_value}" if loss_step >= 0 else "the gradients became non-finite"
+    raise DistrnnError(f"{what} at step {step} (epoch {epoch + 1}, batch {in_epoch}); model and batch saved in "
+                       f"{folder.debug}; lower --lr or set optim.grad_clip")

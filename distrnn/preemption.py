@@ -18,12 +18,14 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; ru
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(DistrnnError):
+class StoppedOnRequest(DistrnnError):
+    """Every rank saved the same checkpoint after a stop request and ends with REQUEUE_EXIT_CODE."""
+
     exit_code = REQUEUE_EXIT_CODE
 
 
-class StopFlag:
-    """Installed in each worker: remembers the first stop signal."""
+class StopRequest:
+    """Installed in each worker: remembers the first stop signal (the loop acts on it at its next check)."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None

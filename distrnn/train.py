@@ -12,19 +12,20 @@ import click
 from distrnn.config import Config, load_config
 from distrnn.distributed import make_accelerator, peer_failure, run_worker, teardown
 from distrnn.options import config_options, overrides_from
-from distrnn.preemption import StopFlag
+from distrnn.preemption import StopRequest
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def run_training(cfg: Config) -> dict[str, Any]:
+    """This process's part of a run: the Trainer's fit, with a lost peer turned into one line."""
     from distrnn.trainer import Trainer
 
-    stop = StopFlag()  # first, so a signal during start-up is not lost
+    stop_request = StopRequest()  # first, so a signal during start-up is not lost
     accelerator = trainer = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
-        trainer = Trainer(cfg, accelerator, stop)
+        trainer = Trainer(cfg, accelerator, stop_request)
         return trainer.fit()
     except Exception as e:
         lost = peer_failure(accelerator, e)
@@ -41,7 +42,7 @@ def train(cfg: Config) -> dict[str, Any]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 def main(config_file: str | None, **params: Any) -> None:
     """Train the stacked RNN on MNIST (one worker process; start it with `accelerate launch` or `distrnn train`)."""
-    train(load_config(config_file, overrides_from(params)))
+    run_training(load_config(config_file, overrides_from(params)))
 
 
 if __name__ == "__main__":

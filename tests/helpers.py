@@ -40,9 +40,11 @@ def start_distrnn(*args: str, env: dict[str, str] | None = None) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def train_small_model(out: Path, data_dir: Path) -> Path:
-    """A smoke-config model on 2000 training images, in one CPU process (for predict and export tests)."""
-    result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=2000", "--no-wandb",
+def train_small_model(out: Path, data_dir: Path, config: str = "smoke", samples: int = 2000) -> Path:
+    """A model of a shipped config (its architecture and input normalisation) trained for one epoch on
+    `samples` training images, in one CPU process (for predict and export tests)."""
+    result = distrnn("train", "--mode", "cpu", "--config", config, "--epochs", "1", "--set",
+                     f"data.train_samples={samples}", "--set", "train.eval_train_set=false", "--no-wandb",
                      "--data-dir", str(data_dir), "--output-dir", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
@@ -85,3 +87,14 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     message = lines[0].split(": error", 1)[-1]
     assert len(re.sub(r"/[^\s;,)'`]*", "", message)) <= 200, f"longer than ~200 characters (paths aside): {message}"
     return lines[0]
+
+
+def replace(raw: Path, name: str, content: bytes) -> None:
+    """Put `content` in place of the file `raw/name` (a link to the real MNIST, in raw_copy)."""
+    (raw / name).unlink()
+    (raw / name).write_bytes(content)
+
+
+def header(magic: int, *dims: int) -> bytes:
+    """An IDX header: the magic number, then each dimension, big-endian."""
+    return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))

@@ -39,13 +39,13 @@ def accumulate(acc) -> None:
     """A real Trainer on 2 ranks with grad_accum_steps=3: at which batches DDP all-reduced gradients."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from distrnn.preemption import StopFlag
+    from distrnn.preemption import StopRequest
     from distrnn.trainer import Trainer
 
     cfg = build_config(overrides=["data.train_samples=640", "data.test_samples=100", "train.batch_size=16",
                                   "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false", "checkpoint.every_steps=null",
                                   f"train.output_dir={os.environ['RUN_DIR']}"])
-    trainer = Trainer(cfg, acc, StopFlag())
+    trainer = Trainer(cfg, acc, StopRequest())
     reduced_at: set[int] = set()
 
     def count(state, bucket):

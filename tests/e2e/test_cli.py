@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distrnn import launcher
-from distrnn.errors import DistrnnError
+from distrnn import processes
 from tests.helpers import BIN, distrnn, one_line_error, run
 
 
@@ -46,7 +45,7 @@ def test_bad_cli_input_is_one_line(args, expected, code):
     expect_one_line(distrnn(*args, timeout=120), expected, code)
 
 
-@pytest.mark.skipif(launcher.visible_gpus() > 0, reason="checks the no-GPU message")
+@pytest.mark.skipif(processes.visible_gpus() > 0, reason="checks the no-GPU message")
 @pytest.mark.parametrize("mode", ["gpu", "ddp"])
 def test_gpu_modes_without_a_gpu_are_one_line(mode):
     expect_one_line(distrnn("train", "--mode", mode, timeout=120), f"--mode {mode} needs a GPU but none is visible", 1)

@@ -16,8 +16,15 @@ import pytest
 from distrnn import devices
 from distrnn.errors import DistrnnError
 from tests.conftest import require
-from tests.helpers import distrnn, newest_checkpoint, one_line_error, start_distrnn, wait_for_step
-from tests.unit.test_mnist import header, replace
+from tests.helpers import (
+    distrnn,
+    header,
+    newest_checkpoint,
+    one_line_error,
+    replace,
+    start_distrnn,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,16 @@ import time
 import pytest
 
 from distrnn.preemption import REQUEUE_EXIT_CODE
-from tests.helpers import counts, distrnn, newest_checkpoint, one_line_error, start_distrnn, wait_for_step
-from tests.unit.test_mnist import header, replace
+from tests.helpers import (
+    counts,
+    distrnn,
+    header,
+    newest_checkpoint,
+    one_line_error,
+    replace,
+    start_distrnn,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +39,7 @@ def free_port() -> int:
 
 
 def two_nodes(out, env0: dict, env1: dict, *extra: str) -> list[tuple[int, str, float]]:
-    """Machine rank 0 and 1, one CPU process each; (exit code, stderr, seconds) of each launcher."""
+    """Machine rank 0 and 1, one CPU process each; (exit code, stderr, seconds) of each processes."""
     common = ["train", "--mode", "cpu", "--num-machines", "2", "--main-process-ip", "127.0.0.1",
               "--main-process-port", str(free_port()), "--output-dir", str(out), *TINY, *extra]
     start = time.monotonic()

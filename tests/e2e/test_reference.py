@@ -9,9 +9,9 @@ does not learn (or learns wrongly) does not. About 2 minutes here on 2 cores.
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from tests.helpers import counts, distrnn
 

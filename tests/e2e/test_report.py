@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distrnn import report
 from distrnn.run_folder import RunFolder
+from distrnn.tools import report
 from tests.helpers import distrnn, run
 
 pytestmark = pytest.mark.slow
 
-CLI = "from distrnn.errors import run_cli; from distrnn.report import command; run_cli(command, prog='distrnn report')"
+CLI = "from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; sys.exit(run_cli(command, prog='distrnn report'))"
 LEARNING_RATES = ("0.001", "0.002")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distrnn import launcher
+from distrnn import processes
 from distrnn.errors import DistrnnError
 
 
@@ -21,7 +21,7 @@ from distrnn.errors import DistrnnError
     ],
 )
 def test_mode_plans(mode, n, gpus, expected):
-    p = launcher.plan(mode, n, gpus)
+    p = processes.plan(mode, n, gpus)
     assert (p.mode, p.num_processes, p.launch_config.name) == expected
     assert p.launch_config.is_file()
 
@@ -36,18 +36,24 @@ def test_mode_plans(mode, n, gpus, expected):
 )
 def test_impossible_plans_are_refused(mode, n, gpus, message):
     with pytest.raises(DistrnnError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        launcher.plan(mode, n, gpus)
+        processes.plan(mode, n, gpus)
 
 
 @pytest.mark.parametrize("name", ["cpu.yaml", "cpu_multi.yaml", "gpu.yaml", "ddp.yaml", "multinode.yaml"])
 def test_every_launch_config_keeps_the_callers_cuda_visible_devices(name, monkeypatch):
     """The environment accelerate's launcher builds for the workers, from each shipped launch config."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
+    from accelerate.utils.launch import (
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what the user, or SLURM's cgroup, chose
     extra = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"] if name == "multinode.yaml" else []
-    args = launch_command_parser().parse_args(["--config_file", str(launcher.launch_config(name)), *extra,
+    args = launch_command_parser().parse_args(["--config_file", str(processes.launch_config(name)), *extra,
                                                "-m", "distrnn.train"])
     args, *_ = _validate_launch_command(args)
     if args.multi_gpu:
@@ -75,10 +81,10 @@ def test_auto_mode_refuses_to_fall_back_to_cpu_when_gpus_were_allocated(env, gpu
     if refused:
         with pytest.raises(DistrnnError, match=r"GPUs were allocated \(.*\) but torch .* sees none \(driver: .*\); "
                                                r"install a torch built for this driver and GPU, or use --mode cpu"):
-            launcher.plan("auto", None, gpus)
+            processes.plan("auto", None, gpus)
     else:
-        launcher.plan("auto", None, gpus)
-    launcher.plan("cpu", None, gpus)  # --mode cpu never asks
+        processes.plan("auto", None, gpus)
+    processes.plan("cpu", None, gpus)  # --mode cpu never asks
 
 
 def test_the_accelerate_internals_the_launcher_relies_on_still_work():
@@ -89,13 +95,13 @@ def test_the_accelerate_internals_the_launcher_relies_on_still_work():
 
     from distrnn.preemption import AGENT_SIGNALS
 
-    hint = (f"accelerate {accelerate.__version__} changed an internal distrnn/launcher.py relies on; use the tested "
+    hint = (f"accelerate {accelerate.__version__} changed an internal distrnn/processes.py relies on; use the tested "
             "accelerate 1.15.x (pyproject.toml) or adapt the launcher")
     try:
         from accelerate.commands.launch import _filter_args, launch_command_parser
 
-        plan = launcher.plan("cpu", 2, gpus=0)
-        args = launch_command_parser().parse_args(launcher.accelerate_args(plan, "distrnn.train", ["--config", "smoke"]))
+        plan = processes.plan("cpu", 2, gpus=0)
+        args = launch_command_parser().parse_args(processes.accelerate_args(plan, "distrnn.train", ["--config", "smoke"]))
         args.signals_to_handle = AGENT_SIGNALS
         args.training_script = "distrnn.train"
         args.training_script_args = args.training_script_args
@@ -104,23 +110,29 @@ def test_the_accelerate_internals_the_launcher_relies_on_still_work():
     except Exception as e:
         pytest.fail(f"{hint} ({type(e).__name__}: {e})")
     assert getattr(passed, "signals_to_handle", None) == AGENT_SIGNALS, hint
-    assert args.config_file == str(launcher.launch_config("cpu_multi.yaml")) and args.num_processes == 2, hint
+    assert args.config_file == str(processes.launch_config("cpu_multi.yaml")) and args.num_processes == 2, hint
 
 
 def test_a_rank_killed_by_a_signal_is_named_even_when_another_failed_in_the_same_second(capsys):
     """torchrun orders failures by whole-second timestamps: a killed rank 1 and rank 0's "lost contact"
     error, seen in the same poll, tie, and its "first failure" is then rank 0 (the CI run of 24f3ef4)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors import (
+        ChildFailedError,
+        ProcessFailure,
+    )
 
     failures = {0: ProcessFailure(0, 101, 1, "/nonexistent"), 1: ProcessFailure(1, 102, -9, "/nonexistent")}
     failures[0].timestamp = failures[1].timestamp  # the tie, made certain
-    assert launcher.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 128 + 9
+    assert processes.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 128 + 9
     assert "worker rank 1 was killed by SIGKILL" in capsys.readouterr().err
 
 
 def test_a_worker_that_raised_keeps_its_exit_code_and_prints_nothing_more(capsys):
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors import (
+        ChildFailedError,
+        ProcessFailure,
+    )
 
     failures = {1: ProcessFailure(1, 102, 1, "/nonexistent")}
-    assert launcher.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
+    assert processes.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
     assert capsys.readouterr().err == ""

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from distrnn import mnist
 from distrnn.errors import DistrnnError
-
-
-def replace(raw: Path, name: str, content: bytes) -> None:
-    (raw / name).unlink()
-    (raw / name).write_bytes(content)
-
-
-def header(magic: int, *dims: int) -> bytes:
-    return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))
+from tests.helpers import header, replace
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distrnn import report
 from distrnn.run_folder import RunFolder
+from distrnn.tools import report
 from tests.helpers import one_line_error, run
 
-CLI = "from distrnn.errors import run_cli; from distrnn.report import command; run_cli(command, prog='distrnn report')"
+CLI = "from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; sys.exit(run_cli(command, prog='distrnn report'))"
 
 
 def distrnn_report(*args: str | Path) -> subprocess.CompletedProcess:
@@ -163,7 +163,7 @@ def test_no_run_is_a_usage_error():
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, distrnn.report; sys.exit('matplotlib' in sys.modules)"
+    code = "import sys, distrnn.tools.report; sys.exit('matplotlib' in sys.modules)"
     assert run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -13,7 +13,7 @@ from distrnn.config import build_config
 from distrnn.distributed import make_accelerator, teardown
 from distrnn.errors import DistrnnError
 from distrnn.nonfinite import CHECK_EVERY
-from distrnn.preemption import STOP_SIGNALS, StopFlag
+from distrnn.preemption import STOP_SIGNALS, StopRequest
 from distrnn.trainer import Trainer
 
 # The tensor methods that make the host wait for the device (on a GPU) to read a value.
@@ -40,12 +40,12 @@ def trainer(tmp_path, data_dir):
                                   f"data.dir={data_dir}", f"train.output_dir={tmp_path / 'run'}", "wandb.enabled=false",
                                   "train.log_every=1000", "checkpoint.every_steps=null"])
     accelerator = make_accelerator("no", 0, 300, str(tmp_path))
-    t = Trainer(cfg, accelerator, StopFlag())
+    t = Trainer(cfg, accelerator, StopRequest())
     reduces = []
     real_reduce = accelerator.reduce
     accelerator.reduce = lambda *a, **k: reduces.append(1) or real_reduce(*a, **k)
     t.collectives = reduces
-    t.start_epoch()
+    t.progress.start_epoch(0)
     t.batches = iter(t.epoch_batches())
     yield t
     t.close()
@@ -83,7 +83,7 @@ def test_a_nonfinite_loss_never_reaches_the_weights_and_stops_the_run_at_the_nex
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
     with pytest.raises(DistrnnError, match=r"^the training loss became nan at step 1 \(epoch 1, batch 1\); model and "
                                            r"batch saved in .*/debug; lower --lr or set optim.grad_clip$"):
-        trainer.check_health()
+        trainer.stop_if_requested_or_nonfinite()
     saved = torch.load(trainer.folder.debug_file(1, 0), weights_only=True, map_location="cpu")
     assert torch.isnan(saved["images"]).any() and torch.equal(saved["labels"], labels.cpu())
     assert all(torch.equal(before[name].cpu(), t) for name, t in saved["model"].items())

@@ -14,10 +14,13 @@ route below matched PyTorch's predictions for rnn, gru and lstm cells and both h
   is fast (0.2-2 s, native ONNX RNN ops), but warns that it is deprecated ("The feature will be
   removed") and that RNN_TANH exported at a batch size other than 1 "can cause an error" at another
   batch size. We use dynamo: the supported path, with no such caveat.
-- TorchScript: torch.jit.script of the model itself fails (TorchScript's is_autocast_enabled takes no
-  device argument); torch.jit.trace works but warns that nn.RNN's shape checks are frozen into the
-  trace. We script `Classifier` below: control flow and shapes stay symbolic by construction, and it
-  takes 0.2-1 s. Both jit entry points warn that TorchScript is deprecated; they still work.
+- TorchScript: torch.jit.script of the model itself (its forward skips the autocast lookup when
+  scripted: TorchScript's is_autocast_enabled takes no device argument); torch.jit.trace would work
+  but warns that nn.RNN's shape checks are frozen into the trace. Scripting keeps control flow and
+  shapes symbolic by construction and takes 0.2-1 s. Both jit entry points warn that TorchScript is
+  deprecated; they still work.
+Both formats export `StackedRNN.forward` itself (no copy of it), so whatever the model does to its
+input (model.normalize_input) is in the exported graph; the parity check compares with that forward.
 """
 
 from __future__ import annotations
@@ -46,24 +49,6 @@ EXPORT_BATCH = 16  # the example batch the exporters see; a batch of 1 would let
 PARITY_BATCH = 300  # not EXPORT_BATCH, and 1000 images run as 300, 300, 300, 100: two more sizes
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-class Classifier(nn.Module):
-    """StackedRNN.forward without its autocast lookup: that is a training-time choice of how to run
-    the RNN on a GPU, meaningless in an fp32 graph, and torch.jit.script cannot compile it (see the
-    module docstring). Shares the model's layers; the parity check compares it with model.forward,
-    so it cannot drift from model.py unnoticed."""
-
-    def __init__(self, model: StackedRNN):
-        super().__init__()
-        self.rnn, self.fc = model.rnn, model.fc
-        self.sequence_length, self.input_size, self.all_steps = model.sequence_length, model.input_size, model.all_steps
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.reshape(images.shape[0], self.sequence_length, self.input_size)
-        out, _ = self.rnn(x)
-        features = out.reshape(out.shape[0], -1) if self.all_steps else out[:, -1]
-        return self.fc(features)
 
 
 def require_onnx() -> None:
@@ -126,7 +111,7 @@ def exported_logits(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
 def write(fmt: str, model: StackedRNN, images: torch.Tensor, path: Path) -> None:
     try:
         with quiet(), torch.no_grad():
-            EXPORTERS[fmt](Classifier(model).eval(), images[:EXPORT_BATCH], path)
+            EXPORTERS[fmt](model.eval(), images[:EXPORT_BATCH], path)
     except Exception as e:  # an exporter's failure: one line saying which, not its traceback
         raise DistrnnError(f"{fmt} export failed ({type(e).__name__}: {first_line(e)})") from None
 

@@ -1,8 +1,9 @@
-"""Turn `--mode/--num-processes` into a run: the worker in this process when it is one process,
-else an `accelerate launch` command line run in this process.
+"""The worker processes of a run: how many, on which device (`plan`, from `--mode/--num-processes`),
+and starting them: the worker in this process when it is one process, else accelerate's launcher
+(torchrun) in this process.
 
-One launch config per way to run lives in launch/ (installed as distrnn.launch); this module
-only picks one.
+The accelerate launch configs that `plan` names live in launch/ (installed as distrnn.launch); users
+of `accelerate launch --config_file launch/*.yaml` read the same files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from distrnn.devices import check_allocated_gpus_usable, visible_gpus
-from distrnn.errors import DistrnnError, debug_enabled, first_line, run_cli
+from distrnn.errors import DistrnnError, debug_enabled, run_cli
 from distrnn.preemption import AGENT_SIGNALS, forward_to_children
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -126,11 +127,7 @@ def launch(p: Plan, module: str, worker_args: list[str]) -> int:
 def run_here(module: str, worker_args: list[str]) -> int:
     """The worker's own entry point, in this process: one interpreter start instead of two
     (measured here: each start imports torch and accelerate, ~2 s)."""
-    try:
-        run_cli(importlib.import_module(module).main, prog=module, args=worker_args)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    return 0
+    return run_cli(importlib.import_module(module).main, prog=module, args=worker_args)
 
 
 def run_accelerate(p: Plan, module: str, worker_args: list[str]) -> int:
