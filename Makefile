@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train check test results gpu-check clean
+.PHONY: train check test results docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 # The README's results table, from the runs it lists (about 3 minutes on 2 cores); rerun when training changes.
 results: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.results_table $(ARGS)
+
+# The README's config table, from the help text of each key in distrnn/config.py (a test keeps them equal).
+docs: $(STAMP)
+	$(VENV)/bin/python -m devtools.readme
 
 # On a GPU machine, against the torch already installed there (no venv, nothing downloaded): distrnn
 # without its dependencies, then the GPU checks (< 6 min on one modern GPU); needs DISTRNN_DATA_DIR.

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from devtools.readme import replace_block
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "readme_results.json"
 DOCS = REPO / "docs"  # the README's pictures: the default run's confusion.png and errors.png, and a report
@@ -89,10 +91,8 @@ def render(results: dict) -> str:
 
 
 def write_readme(results: dict) -> None:
-    readme = (REPO / "README.md").read_text()
-    before, _, rest = readme.partition(START)
-    _, _, after = rest.partition(END)
-    (REPO / "README.md").write_text(before + render(results) + after)
+    readme = REPO / "README.md"
+    readme.write_text(replace_block(readme.read_text(), START, END, render(results)))
 
 
 def main() -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from distrnn.config_values import coerce, parse_override, read_yaml
 from distrnn.errors import ConfigError
 
 CELLS = ("rnn", "gru", "lstm")
@@ -42,9 +41,12 @@ FREE = "may change"  # applied from the resume on, and printed as a change
 CONSTANT_SCHEDULE = "may change with a constant schedule"  # OneCycle fixes lr and length at the start
 
 
-def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING) -> Any:
-    """A config key: its default, its help text and its resume policy, declared together."""
-    metadata = {"help": help, "resume": resume}
+def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING,
+        shown_default: str | None = None) -> Any:
+    """A config key: its default, its help text and its resume policy, declared together. The help text is
+    the only description of the key: the CLI's flags and the README's config table are made from it.
+    `shown_default`: how to show a default computed at run time (a factory)."""
+    metadata = {"help": help, "resume": resume, "shown_default": shown_default}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -75,8 +77,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = key(help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data].", resume=FREE,
-                   factory=default_data_dir)
+    dir: str = key(help="Folder holding MNIST/raw.", resume=FREE, factory=default_data_dir,
+                   shown_default="$DISTRNN_DATA_DIR or ./data")
     loader: str = key("memory", help="memory: uint8 tensors on the device, sliced per batch; torchvision: the "
                       "seed's DataLoader + ToTensor, sharded by Accelerate.", resume=MATCH)
     train_samples: int | None = key(None, help="Train on the first N training images; null: all 60000.", resume=MATCH)
@@ -100,31 +102,36 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = key(3, help="Training epochs.", resume=CONSTANT_SCHEDULE)
     batch_size: int = key(64, help="Batch size per process (per accumulation step).", resume=MATCH)
-    grad_accum_steps: int = key(1, help="Batches per optimizer step: global batch = batch_size x processes x this "
+    grad_accum_steps: int = key(1, help="Batches per optimizer step (Accelerate's accumulate; DDP's gradient all-reduce "
+                                "is skipped in between): global batch = batch_size x processes x this, printed at "
+                                "start and in summary.json "
                                 "(keep it fixed when the number of processes changes).", resume=MATCH)
     eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
     eval_train_set: bool = key(True, help="At the end, evaluate the final model on every training image too (the "
                                "seed's 'Accuracy on training data'); a forward pass over 60,000 images: ~4 s on "
                                "2 CPU cores.", resume=FREE)
-    precision: str = key("no", help="no (fp32), fp16 (GPU only) or bf16.", resume=MATCH)
+    precision: str = key("no", help="Mixed precision: no (fp32), fp16 (GPU only) or bf16 (CPU too).", resume=MATCH)
     tf32: bool = key(False, help="Allow TF32 in fp32 matmuls and cuDNN RNNs on Ampere+ GPUs (faster; a 10-bit "
                      "mantissa). Off: fp32 means fp32.", resume=MATCH)
     deterministic: bool = key(False, help="Deterministic GPU kernels (torch.use_deterministic_algorithms, "
                               "CUBLAS_WORKSPACE_CONFIG), for bit-exact GPU resumes; slower.", resume=FREE)
     seed: int = key(0, help="Seed for weights, shuffling and every RNG.", resume=MATCH)
-    log_every: int = key(50, help="Optimizer steps between loss logs.", resume=FREE)
+    log_every: int = key(50, help="Optimizer steps between loss logs (a progress line in non-interactive logs).",
+                         resume=FREE)
     eval_every: int | None = key(None, help="Optimizer steps between extra evaluations (besides each epoch end).",
                                  resume=FREE)
     early_stop_patience: int | None = key(None, help="Stop after N evaluations without a better validation accuracy "
                                           "(needs data.val_samples); null: never.", resume=FREE)
-    output_dir: str = key("runs/default", help="The run folder.", resume=FREE)
+    output_dir: str = key("runs/default", help="The run folder: config, metrics, checkpoints, the model, W&B and "
+                          "TensorBoard files.", resume=FREE)
     collective_timeout_s: int = key(300, help="A collective waiting longer (a rank died or hangs) ends the run.",
                                     resume=FREE)
 
 
 @dataclass
 class CheckpointConfig:
-    resume: str = key("auto", help="auto: newest complete checkpoint in the run folder; never; or a PATH.",
+    resume: str = key("auto", help="auto: the newest complete checkpoint in the run folder; never: start afresh; or a "
+                      "PATH (a checkpoints/step-* folder or a run folder).",
                       resume=FREE)
     every_steps: int | None = key(500, help="Optimizer steps between checkpoints (also at every epoch end); "
                                   "null: epoch ends only.", resume=FREE)
@@ -144,7 +151,8 @@ class WandbConfig:
 
 @dataclass
 class TensorboardConfig:
-    enabled: bool = key(False, help="Log to TensorBoard in RUN/tensorboard/ (pip install tensorboard).", resume=FREE)
+    enabled: bool = key(False, help="Log to TensorBoard in RUN/tensorboard/ (pip install 'distrnn[tensorboard]').",
+                        resume=FREE)
 
 
 @dataclass
@@ -163,12 +171,12 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def flat(self) -> dict[str, Any]:
-        return flatten(self.to_dict())
 
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """{"model": {"cell": "rnn"}} -> {"model.cell": "rnn"}: the keys as --set spells them."""
+    """{"model": {"cell": "rnn"}} -> {"model.cell": "rnn"}: the keys as --set spells them. The one
+    flattener: a config is sections of keys, and a key's value is never unpacked (a mapping where a
+    number belongs is a type error that names the key)."""
     return {f"{section}.{name}": value for section, values in config.items() for name, value in values.items()}
 
 
@@ -183,6 +191,24 @@ def key_fields() -> dict[str, dataclasses.Field]:
 
 def all_keys() -> list[str]:
     return list(key_fields())
+
+
+def _shown(f: dataclasses.Field) -> str:
+    if f.metadata["shown_default"]:
+        return f.metadata["shown_default"]
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)  # a string as written in YAML or --set; a list as [a, b]
+
+
+def markdown_table() -> str:
+    """The README's config table: every key, its default and its help text, as declared above."""
+    rows = ["| key | default | on resume | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in key_fields().items():
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{name}` | `{_shown(f)}` | {f.metadata['resume']} | {help_text} |")
+    return "\n".join(rows)
 
 
 # --- shipped configs ----------------------------------------------------------------------------
@@ -214,62 +240,6 @@ def _unknown(name: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {name!r} ({hint})")
 
 
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
-
-
-def _coerce(name: str, value: Any, tp: Any, from_text: bool) -> Any:
-    """Check `value` against the annotation `tp`; text from the command line is parsed first."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (from_text and str(value).lower() in ("null", "none")):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(name, value, inner, from_text)
-    wrong = ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if from_text and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise wrong
-        return [_coerce(name, v, typing.get_args(tp)[0], from_text) for v in value]
-    if tp is bool:
-        if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is int:
-        if from_text and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise wrong from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is float:
-        # PyYAML reads `1e-3` (no dot) as a string, so numeric strings are accepted for floats.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise wrong from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise wrong
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise wrong
-    raise AssertionError(f"unsupported config type {tp}")
-
-
 def _apply(cfg: Config, name: str, value: Any, from_text: bool) -> None:
     section_name, _, field_name = name.partition(".")
     sections = _sections()
@@ -278,47 +248,21 @@ def _apply(cfg: Config, name: str, value: Any, from_text: bool) -> None:
     hints = typing.get_type_hints(sections[section_name])
     if field_name not in hints:
         raise _unknown(name, all_keys())
-    setattr(getattr(cfg, section_name), field_name, _coerce(name, value, hints[field_name], from_text))
+    setattr(getattr(cfg, section_name), field_name, coerce(name, value, hints[field_name], from_text))
 
 
-def _flatten_checked(data: Any, where: str) -> dict[str, Any]:
+def _check_sections(data: Any, where: str) -> dict[str, Any]:
+    """`data` as a mapping of known sections, each a mapping of keys (empty sections dropped)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of sections ({', '.join(_sections())}), got {type(data).__name__}")
-    flat = {}
     for section, values in data.items():
         if section not in _sections():
             close = difflib.get_close_matches(str(section), list(_sections()), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "valid sections: " + ", ".join(_sections())
             raise ConfigError(f"unknown config section {section!r} in {where} ({hint})")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
+        if values is not None and not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} in {where} must be a mapping of keys, got {values!r}")
-        for name, value in values.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}'{line} is not valid YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror or e})") from None
-    return data if data is not None else {}
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise ConfigError(f"override {text!r} must look like key=value, for example model.hidden_size=128")
-    return name.strip(), value.strip()
+    return {section: values for section, values in data.items() if values is not None}
 
 
 def build_config(
@@ -328,7 +272,7 @@ def build_config(
 ) -> Config:
     """Defaults, then `data` (a nested mapping as in YAML), then `key=value` overrides; validated."""
     cfg = Config()
-    for name, value in _flatten_checked(data or {}, where).items():
+    for name, value in flatten(_check_sections(data or {}, where)).items():
         _apply(cfg, name, value, from_text=False)
     for text in overrides:
         name, value = parse_override(text)
@@ -447,6 +391,6 @@ def changes_since(saved: dict[str, Any], cfg: Config) -> list[Change]:
 
     A key the saved config lacks (saved by an older distrnn) counts as its default.
     """
-    old, fields = {**Config().flat(), **flatten(saved)}, key_fields()
+    old, fields = {**flatten(Config().to_dict()), **flatten(saved)}, key_fields()
     return [Change(name, old.get(name), value, fields[name].metadata["resume"])
-            for name, value in cfg.flat().items() if old.get(name) != value]
+            for name, value in flatten(cfg.to_dict()).items() if old.get(name) != value]

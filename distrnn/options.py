@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from distrnn.config import PRECISIONS
+from distrnn.config import PRECISIONS, key_fields
 from distrnn.errors import ConfigError
 
 # flag name -> config key: typed flags are shorthands for --set KEY=VALUE
@@ -29,26 +29,30 @@ TYPED_FLAGS = {
 }
 TRACKERS = ("wandb", "tensorboard")
 
+
+def key_help(flag: str) -> str:
+    """A typed flag's help: its config key's own help text (declared once, in config.py)."""
+    name = TYPED_FLAGS[flag]
+    return f"{key_fields()[name].metadata['help']} Sets {name}."
+
+
 CONFIG_OPTIONS = [
     click.Option(["--config", "config_file"], default=None,
                  help="YAML config file, or the name of a shipped one (default, fast, smoke); defaults apply to "
                       "keys it leaves out."),
     click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
                  help="Override any config key, e.g. --set model.cell=gru (repeatable; wins over the file)."),
-    click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: $DISTRNN_DATA_DIR or ./data]."),
-    click.Option(["--output-dir"], default=None, help="Run folder: config, metrics, model, W&B run."),
+    click.Option(["--data-dir"], default=None, help=key_help("data_dir")),
+    click.Option(["--output-dir"], default=None, help=key_help("output_dir")),
     click.Option(["--log-with"], default=None, metavar="wandb,tensorboard|none",
                  help="Trackers to log to, any subset or none [default: wandb]; metrics.jsonl is always written."),
-    click.Option(["--wandb/--no-wandb"], default=None, help="Log to Weights & Biases (offline without an API key)."),
-    click.Option(["--seed"], type=int, default=None, help="Seed for weights, shuffling and every RNG."),
-    click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None,
-                 help="Mixed precision; fp16 needs a GPU, bf16 works on CPU too."),
-    click.Option(["--epochs"], type=int, default=None, help="Training epochs."),
-    click.Option(["--batch-size"], type=int, default=None, help="Batch size per process."),
-    click.Option(["--lr"], type=float, default=None, help="Adam learning rate (peak, with optim.schedule=onecycle)."),
-    click.Option(["--resume"], default=None, metavar="auto|never|PATH",
-                 help="auto: continue from the newest complete checkpoint in the run folder [default]; "
-                      "never: start fresh; PATH: a checkpoint or run folder."),
+    click.Option(["--wandb/--no-wandb"], default=None, help=key_help("wandb")),
+    click.Option(["--seed"], type=int, default=None, help=key_help("seed")),
+    click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None, help=key_help("precision")),
+    click.Option(["--epochs"], type=int, default=None, help=key_help("epochs")),
+    click.Option(["--batch-size"], type=int, default=None, help=key_help("batch_size")),
+    click.Option(["--lr"], type=float, default=None, help=key_help("lr")),
+    click.Option(["--resume"], default=None, metavar="auto|never|PATH", help=key_help("resume")),
     # KEY=VALUE without --set, as W&B sweep agents (${args_no_hyphens}) and Hydra users write them.
     click.Argument(["positional"], nargs=-1, metavar="[KEY=VALUE]..."),
 ]

@@ -104,13 +104,13 @@ class RunFolder:
         return self.root / "debug"
 
     @property
-    def trackers(self) -> Path:
-        """Where W&B makes its own wandb/ folder."""
+    def wandb_parent(self) -> Path:
+        """The folder W&B makes its own wandb/ folder in (wandb.init's dir)."""
         return self.root
 
     @property
     def tensorboard(self) -> Path:
-        """TensorBoard's event files (and accelerate's hparams sub-folders)."""
+        """TensorBoard's event files, hparams included (no sub-folders)."""
         return self.root / "tensorboard"
 
     def checkpoint(self, step: int, tmp: bool = False) -> CheckpointFolder:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from PIL import Image
 
-from distrnn.config import WandbConfig
+from distrnn.config import WandbConfig, flatten
 from distrnn.errors import first_line
 from distrnn.run_folder import RunFolder
 
@@ -40,16 +40,20 @@ def has_wandb_key() -> bool:
         return False
 
 
-def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def hparams(config: dict[str, Any]) -> dict[str, Any]:
     """{"model.hidden_size": 256, ...}: TensorBoard's hparams take only scalars and strings (a nested
     dict raises), so sections become dotted keys and lists become comma-separated text."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-    return flat
+    return {name: ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            for name, value in flatten(config).items()}
+
+
+def write_hparams(writer: Any, values: dict[str, Any]) -> None:
+    """The run's config as TensorBoard hparams, in the writer's own event file (see _start_tensorboard)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    for summary in hparams_summaries(values, {}):  # experiment, session start, session end
+        writer.file_writer.add_summary(summary)
+    writer.flush()
 
 
 def choose_wandb_mode() -> str | None:
@@ -79,7 +83,7 @@ class RunLog:
         if self.main and wandb.enabled:
             self._start_wandb(wandb, folder, config, resumed_id)
         if self.main and tensorboard:
-            self._start_tensorboard(folder, config)
+            self._start_tensorboard(folder, config, resumed)
         if os.environ.get("SLURM_JOB_ID"):  # which job, and how often it was requeued
             self.summary({"slurm/job_id": os.environ["SLURM_JOB_ID"],
                           "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
@@ -94,7 +98,7 @@ class RunLog:
             self.warn("W&B is not installed; training continues without it (pip install wandb, or pass --no-wandb)")
             return
         went_offline = choose_wandb_mode() == "offline"
-        kwargs: dict[str, Any] = {"dir": str(folder.trackers), "name": wandb.run_name or folder.root.name}
+        kwargs: dict[str, Any] = {"dir": str(folder.wandb_parent), "name": wandb.run_name or folder.root.name}
         if resumed_id:
             kwargs.update(id=resumed_id, resume="allow")
         if wandb.entity:
@@ -126,15 +130,22 @@ class RunLog:
             print("wandb: no API key found, logging offline (run `wandb login` and set WANDB_MODE=online to go online)",
                   flush=True)
 
-    def _start_tensorboard(self, folder: RunFolder, config: dict[str, Any]) -> None:
+    def _start_tensorboard(self, folder: RunFolder, config: dict[str, Any], resumed: bool) -> None:
         """Event files in RUN/tensorboard/, whatever W&B does.
 
         Accelerate's tracker writes to join(logging_dir, run_name); init_trackers would pass the
         Accelerator's logging_dir (its project_dir: the run folder) and the project name, i.e. RUN/distrnn/.
+        Its store_init_configuration is not used: SummaryWriter.add_hparams writes into a new sub-folder
+        named by the time (and accelerate a second one for hparams.yml), which TensorBoard lists as an
+        extra, empty run at every start. The hparams go into the main event file instead, at a fresh
+        start only: once per run folder.
         """
         tracker = TensorBoardTracker(folder.tensorboard.name, folder.tensorboard.parent)
         try:
-            self._add(tracker, flat_config(config))
+            tracker.start()
+            if not resumed:
+                write_hparams(tracker.writer, hparams(config))
+            self.accelerator.trackers.append(tracker)
         except Exception as e:  # not installed, a broken install, an unwritable folder: never a reason to stop
             # accelerate imports torch.utils.tensorboard (which needs tensorboard), failing that tensorboardX
             if isinstance(e, ModuleNotFoundError) and e.name in ("tensorboard", "tensorboardX"):
@@ -150,8 +161,8 @@ class RunLog:
                   f"it{hint}")
 
     def _add(self, tracker: GeneralTracker, config: dict[str, Any]) -> None:
-        """What init_trackers does, for one tracker. Listed only once started, so a tracker that failed
-        to start is never logged to or finished."""
+        """What init_trackers does, for one tracker (W&B). Listed only once started, so a tracker that
+        failed to start is never logged to or finished."""
         tracker.start()
         tracker.store_init_configuration(config)
         self.accelerator.trackers.append(tracker)

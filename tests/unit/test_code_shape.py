@@ -7,7 +7,7 @@ import re
 
 from tests.helpers import REPO
 
-SOURCES = sorted((REPO / "distrnn").glob("*.py"))
+SOURCES = sorted((REPO / "distrnn").rglob("*.py"))
 
 
 def functions():
@@ -21,6 +21,30 @@ def test_no_function_is_longer_than_50_lines():
     long = [f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for name, node in functions()
             if node.end_lineno - node.lineno + 1 > 50]
     assert not long, long
+
+
+def test_no_module_is_longer_than_400_lines():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in SOURCES if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, long
+
+
+def test_the_trainer_class_is_the_loop_and_at_most_250_lines():
+    [trainer] = [n for n in ast.parse((REPO / "distrnn" / "trainer.py").read_text()).body
+                 if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    assert trainer.end_lineno - trainer.lineno + 1 <= 250
+
+
+def test_the_result_tools_live_in_their_own_subpackage():
+    tools = {p.stem for p in (REPO / "distrnn" / "tools").glob("*.py")} - {"__init__"}
+    assert tools == {"predict", "export", "report", "figures"}
+    assert not any((REPO / "distrnn" / f"{name}.py").exists() for name in tools)
+
+
+def test_one_function_flattens_a_config():
+    """config.flatten; five copies once differed in how they treated lists and nesting."""
+    flatteners = [f"{name}:{node.name}" for name, node in functions() if "flat" in node.name.lower()
+                  and "cudnn" not in node.name]
+    assert flatteners == ["config.py:flatten"], flatteners
 
 
 def test_run_folder_file_names_are_spelled_only_in_run_folder():

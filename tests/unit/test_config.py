@@ -1,13 +1,23 @@
 from __future__ import annotations
 
-
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrnn.config import (CONSTANT_SCHEDULE, FREE, MATCH, Config, all_keys, build_config, changes_since, flatten,
-                            key_fields, load_config, read_yaml)
+from distrnn.config import (
+    CONSTANT_SCHEDULE,
+    FREE,
+    MATCH,
+    Config,
+    all_keys,
+    build_config,
+    changes_since,
+    flatten,
+    key_fields,
+    load_config,
+    read_yaml,
+)
 from distrnn.errors import ConfigError
 from tests.helpers import REPO
 
@@ -121,12 +131,12 @@ def test_resolved_config_round_trips_through_yaml():
 
 def test_every_key_round_trips_through_override_text_and_yaml():
     """Each key's own default, written as a user would on the command line, parses back to itself."""
-    defaults = Config().flat()
+    defaults = flatten(Config().to_dict())
     for name, value in defaults.items():
         text = "null" if value is None else ",".join(value) if isinstance(value, list) else str(value)
         if name == "wandb.tags":
             continue  # [] has no text form: "--set wandb.tags=" means []
-        assert build_config(overrides=[f"{name}={text}"]).flat()[name] == value, name
+        assert flatten(build_config(overrides=[f"{name}={text}"]).to_dict())[name] == value, name
     assert build_config(overrides=["wandb.tags="]).wandb.tags == []
 
 

@@ -1,0 +1,1 @@
+"""Developer commands that keep generated parts of the repository equal to their sources."""

@@ -1,0 +1,39 @@
+"""README.md blocks made from code, so that they cannot drift from what they describe.
+
+    python -m devtools.readme        # rewrite the config table from distrnn/config.py (make docs)
+
+A block sits between a start and an end marker; tests/unit/test_readme.py fails when a block differs
+from what its source renders now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distrnn.config import markdown_table
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIG_START = "<!-- config: generated from distrnn/config.py by `make docs`; do not edit by hand -->"
+CONFIG_END = "<!-- /config -->"
+
+
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    """`text` with everything from `start` to `end` (both included) replaced by `block`."""
+    before, found, rest = text.partition(start)
+    _, found_end, after = rest.partition(end)
+    if not (found and found_end):
+        raise SystemExit(f"README.md has no block {start!r} ... {end!r}")
+    return before + block + after
+
+
+def config_block() -> str:
+    return f"{CONFIG_START}\n\n{markdown_table()}\n\n{CONFIG_END}"
+
+
+def main() -> None:
+    README.write_text(replace_block(README.read_text(), CONFIG_START, CONFIG_END, config_block()))
+    print(f"wrote the config table in {README}")
+
+
+if __name__ == "__main__":
+    main()
