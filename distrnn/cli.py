@@ -13,7 +13,7 @@ import click
 from distrnn import devices, processes
 from distrnn.config import default_data_dir, load_config
 from distrnn.devices import check_precision
-from distrnn.errors import DistrnnError, run_cli
+from distrnn.errors import DistrnnError, debug_enabled, run_cli
 from distrnn.options import (
     CONFIG_OPTIONS,
     EVALUATE_OPTIONS,
@@ -65,14 +65,20 @@ def main(debug: bool) -> None:
 @click.option("--machine-rank", type=int, default=None, help="This machine's rank (0 on the main machine).")
 @click.option("--main-process-ip", default=None, help="Address of the machine with rank 0.")
 @click.option("--main-process-port", type=int, default=None, help="Rendezvous port on the machine with rank 0.")
+@click.option("--rendezvous-timeout", type=click.IntRange(min=1), default=processes.RENDEZVOUS_TIMEOUT_S,
+              show_default=True, metavar="SECONDS",
+              help="How long the machines of a multi-machine run wait for each other at start-up.")
 def train_command(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
-          main_process_ip: str | None, main_process_port: int | None, **params: Any) -> None:
+                  main_process_ip: str | None, main_process_port: int | None, rendezvous_timeout: int,
+                  **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
+    if not debug_enabled():  # before torch is imported: torch's C++ log lines (c10d's retries, with C++
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
     plan = processes.plan(mode, num_processes)
     plan = processes.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
-    sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params)))
+    sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout))
 
 
 @with_options(EVALUATE_OPTIONS)

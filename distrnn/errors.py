@@ -28,6 +28,12 @@ class ConfigError(DistrnnError):
     shared = True
 
 
+class PeerUnresponsive(DistrnnError):
+    """Another rank stopped answering (hung or frozen); it was named, and stopped where it could be."""
+
+    exit_code = 3
+
+
 class Quiet(DistrnnError):
     """This rank stops because another rank failed; that rank prints the reason."""
 

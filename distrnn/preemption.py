@@ -1,21 +1,26 @@
 """Stop requests: SIGTERM or SIGUSR1 mean "checkpoint and exit with REQUEUE_EXIT_CODE".
 
 Workers only set a flag in the handler; the training loop finishes its step, all ranks agree
-through one reduction, and every rank saves the same step. The launcher process forwards the
-signals to its workers, because torchrun's agent turns SIGTERM into an immediate shutdown and
-does not forward SIGUSR1 at all.
+through one reduction, and every rank saves the same step.
+
+In a multi-process run the launcher (distrnn.processes) receives the user's or SLURM's signal and
+passes it on to its workers as FORWARDED[signal], telling them so (FORWARDED_VARIABLE). A SIGTERM that
+reaches such a worker directly is then torchrun's agent ending it because another worker failed: it
+keeps its default action, so that a worker blocked in a collective ends at once instead of trying to
+save a checkpoint with a rank that is gone.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-
-import psutil
 
 from distrnn.errors import DistrnnError
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = {signal.SIGTERM: signal.SIGUSR2, signal.SIGUSR1: signal.SIGUSR1}  # launcher -> its workers
+FORWARDED_VARIABLE = "DISTRNN_STOPS_FORWARDED"  # "1": set by the launcher for the workers it starts
 
 
 class StoppedOnRequest(DistrnnError):
@@ -25,31 +30,16 @@ class StoppedOnRequest(DistrnnError):
 
 
 class StopRequest:
-    """Installed in each worker: remembers the first stop signal (the loop acts on it at its next check)."""
+    """Installed in each worker: remembers the first stop signal, by the name the user sent (the loop acts
+    on it at its next check)."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
-        for sig in STOP_SIGNALS:
+        forwarded = os.environ.get(FORWARDED_VARIABLE) == "1"
+        self._meaning = {sent: original for original, sent in FORWARDED.items()} if forwarded else {
+            sig: sig for sig in STOP_SIGNALS}
+        for sig in self._meaning:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal = self.signal or signal.Signals(signum)
-
-
-def forward_to_children() -> None:
-    """In the launcher: pass SIGTERM/SIGUSR1 on to the worker processes and keep waiting for them."""
-
-    def forward(signum: int, frame: object) -> None:
-        for child in psutil.Process().children():
-            try:
-                child.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, forward)
-
-
-# For torchrun's --signals-to-handle: its default includes SIGTERM, on which the agent stops the
-# workers at once; without it the handler above stays in charge.
-AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+        self.signal = self.signal or self._meaning[signal.Signals(signum)]

@@ -1,26 +1,24 @@
 """The worker processes of a run: how many, on which device (`plan`, from `--mode/--num-processes`),
-and starting them: the worker in this process when it is one process, else accelerate's launcher
-(torchrun) in this process.
+and starting them: the worker in this process when it is one process, else torchrun's agent in this
+process (distrnn.agent).
 
-The accelerate launch configs that `plan` names live in launch/ (installed as distrnn.launch); users
-of `accelerate launch --config_file launch/*.yaml` read the same files.
+Each plan names the accelerate launch config in launch/ (installed as distrnn.launch) that starts the
+same processes with `accelerate launch --config_file launch/*.yaml -m distrnn.train` (`distrnn env`
+shows it); distrnn's own launcher does not need them.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from distrnn.agent import free_port, run_agent
 from distrnn.devices import check_allocated_gpus_usable, visible_gpus
-from distrnn.errors import DistrnnError, debug_enabled, run_cli
-from distrnn.preemption import AGENT_SIGNALS, forward_to_children
+from distrnn.errors import DistrnnError, first_line, run_cli
+from distrnn.network import gloo_interface, wait_for_main
 
 MODES = ("auto", "cpu", "gpu", "ddp")
 
@@ -99,29 +97,23 @@ def on_machines(p: Plan, count: int, rank: int | None, main_ip: str | None, main
     return Plan(p.mode, p.num_processes, launch_config("multinode.yaml"), Machines(count, rank, main_ip, main_port))
 
 
-def accelerate_args(p: Plan, module: str, worker_args: list[str]) -> list[str]:
-    """The arguments of `accelerate launch` for this plan."""
-    args = ["--config_file", str(p.launch_config)]
-    if p.machines is not None:
-        m = p.machines
-        args += ["--num_machines", str(m.count), "--num_processes", str(m.count * p.num_processes),
-                 "--machine_rank", str(m.rank), "--main_process_ip", m.main_ip, "--main_process_port", str(m.main_port)]
-    elif p.num_processes > 1:
-        args += ["--num_processes", str(p.num_processes)]
-    if p.uses_cpu and not os.environ.get("OMP_NUM_THREADS"):
-        import psutil
-
-        # What accelerate would pick (physical cores / processes), passed so it does not warn about it.
-        args += ["--num_cpu_threads_per_process", str(max(1, (psutil.cpu_count(logical=False) or 1) // p.num_processes))]
-    return args + ["-m", module, *worker_args]
+# How long the machines of a multi-machine run wait for each other at start-up: SLURM starts every node's
+# task within seconds, but a node can take minutes to import torch from a shared file system or to pull a
+# container. 5 minutes covers that and still ends a job whose main machine never came long before a
+# typical time limit.
+RENDEZVOUS_TIMEOUT_S = 300
 
 
-def launch(p: Plan, module: str, worker_args: list[str]) -> int:
+def launch(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int = RENDEZVOUS_TIMEOUT_S) -> int:
     """Run the workers and return their exit code."""
     if p.uses_cpu:
-        # The torchrun path ignores the launch config's use_cpu; this keeps the workers on CPU.
+        # Without it an Accelerator on a machine with GPUs would take one; the workers inherit it.
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    return run_here(module, worker_args) if p.in_process else run_accelerate(p, module, worker_args)
+    if p.in_process:
+        return run_here(module, worker_args)
+    env = worker_env(p)
+    return run_agent(lambda: torchrun_args(p, module, worker_args, rendezvous_timeout), env,
+                     lambda error: describe_rendezvous(error, p, rendezvous_timeout))
 
 
 def run_here(module: str, worker_args: list[str]) -> int:
@@ -130,62 +122,56 @@ def run_here(module: str, worker_args: list[str]) -> int:
     return run_cli(importlib.import_module(module).main, prog=module, args=worker_args)
 
 
-def run_accelerate(p: Plan, module: str, worker_args: list[str]) -> int:
-    """Run accelerate's launcher in this process and return the workers' exit code.
-
-    In-process rather than as a subprocess so that a failed worker ends with its own one-line
-    error, not with the launcher's traceback (CalledProcessError / ChildFailedError).
-    """
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    args = launch_command_parser().parse_args(accelerate_args(p, module, worker_args))
-    args.signals_to_handle = AGENT_SIGNALS  # passed on to torchrun by accelerate's multi_gpu_launcher
-    forward_to_children()
-    if not debug_enabled():
-        _quiet_torchrun_agent()
-    try:
-        launch_command(args)
-    except ConnectionError:  # accelerate: the rendezvous port is taken on the main machine
-        port = p.machines.main_port if p.machines else "0"
-        raise DistrnnError(f"rendezvous port {port} is taken by another process on this machine; pick another "
-                           "--main-process-port") from None
-    except SignalException as e:  # Ctrl-C (SIGINT), SIGHUP, SIGQUIT: torchrun's agent stopped the workers
-        return 128 + int(e.sigval)
-    except subprocess.CalledProcessError as e:
-        return _worker_exit(0, e.returncode)
-    except ChildFailedError as e:
-        return failed_workers_exit(e)
-    return 0
+def torchrun_args(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int) -> list[str]:
+    """torchrun's command line for this plan. Every option is given, so that stray PET_* variables (which
+    set torchrun's defaults) cannot change the run; static rendezvous, as accelerate's launcher used. On
+    machines other than the main one this first waits for the main machine (network.wait_for_main)."""
+    m = p.machines or Machines(1, 0, "127.0.0.1", free_port())
+    if m.rank > 0:
+        rendezvous_timeout = max(10, round(wait_for_main(m.main_ip, m.main_port, rendezvous_timeout)))
+    return [f"--nnodes={m.count}", f"--nproc-per-node={p.num_processes}", f"--node-rank={m.rank}",
+            f"--master-addr={m.main_ip}", f"--master-port={m.main_port}", "--rdzv-backend=static",
+            f"--rdzv-conf=timeout={rendezvous_timeout}", "--max-restarts=0", "--monitor-interval=0.1",
+            # the main thread handles every signal (distrnn.agent); these are what the agent would have
+            "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "--module", module, *worker_args]
 
 
-def failed_workers_exit(error) -> int:
-    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed.
+def worker_env(p: Plan) -> dict[str, str]:
+    """What the workers need besides torchrun's own variables (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    env = {}
+    if not os.environ.get("OMP_NUM_THREADS"):
+        import psutil
 
-    A killed rank is the cause: the others' errors ("lost contact with another rank") follow from it.
-    torchrun's get_first_failure() orders by whole-second timestamps, so when the agent sees both in
-    one poll they tie and it answers the lowest rank; a signal's victim is looked for first instead.
-    """
-    killed = sorted(rank for rank, failure in error.failures.items() if failure.exitcode < 0)
-    rank = killed[0] if killed else error.get_first_failure()[0]
-    return _worker_exit(rank, error.failures[rank].exitcode)
-
-
-def _worker_exit(rank: int, code: int) -> int:
-    """A worker that raised printed its own line; one killed by a signal could not, so say it here."""
-    if code < 0:
-        print(f"distrnn: worker rank {rank} was killed by {signal.Signals(-code).name}; the other workers "
-              "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 128 - code
-    return code
+        # What accelerate's launcher picked: physical cores / processes on CPU, 1 beside a GPU each.
+        cores = psutil.cpu_count(logical=False) or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // p.num_processes) if p.uses_cpu else 1)
+    if p.uses_cpu and p.machines is not None:
+        name, address, chosen = gloo_interface(p.machines.main_ip)
+        how = "GLOO_SOCKET_IFNAME" if chosen else f"the route to {p.machines.main_ip}"
+        print(f"distrnn: machine {p.machines.rank}: gloo uses interface {name} ({address}, {how})", flush=True)
+        env["GLOO_SOCKET_IFNAME"] = name
+    return env
 
 
-def _quiet_torchrun_agent() -> None:
-    """torchrun's agent logs each worker's exit as warnings and a multi-line error report; the
-    workers' own one-line errors (and _worker_exit) already say what happened."""
-    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+def describe_rendezvous(error: BaseException, p: Plan, timeout: int) -> str | None:
+    """One line for a start-up that failed before the workers ran; None for anything else (a bug)."""
+    from torch.distributed import DistError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    if not isinstance(error, (DistError, RendezvousError, TimeoutError, ConnectionError)):
+        return None
+    m = p.machines or Machines(1, 0, "127.0.0.1", 0)
+    text, where = str(error), f"{m.main_ip}:{m.main_port}"
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return f"rendezvous port {m.main_port} is taken by another process on this machine; pick another " \
+               "--main-process-port"
+    if "waiting for clients" in text:
+        return (f"only {text.split('. ')[-1].split(' clients')[0]} machines reached the rendezvous at {where} within "
+                f"{timeout} s (--rendezvous-timeout); start machines 1..{m.count - 1} with --main-process-ip "
+                f"{m.main_ip} --main-process-port {m.main_port}")
+    if "timed out" in text and "connect" in text:
+        return (f"machine {m.rank} could not reach the main machine at {where} within {timeout} s "
+                "(--rendezvous-timeout); start machine 0 with the same --main-process-port, and check that this "
+                "machine can reach that address and port")
+    return (f"machine {m.rank} lost the rendezvous at {where} ({first_line(error)}); the main machine stopped or "
+            "is unreachable: run the same command again on every machine")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distrnn import processes
+from distrnn import agent, processes
 from distrnn.errors import DistrnnError
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(
@@ -87,30 +88,28 @@ def test_auto_mode_refuses_to_fall_back_to_cpu_when_gpus_were_allocated(env, gpu
     processes.plan("cpu", None, gpus)  # --mode cpu never asks
 
 
-def test_the_accelerate_internals_the_launcher_relies_on_still_work():
-    """distrnn's launcher passes --signals-to-handle to torchrun through accelerate's private
-    _filter_args (torchrun's agent would otherwise kill the workers at once on SIGTERM)."""
-    import accelerate
+def test_torchruns_own_parser_reads_the_launch_as_planned(monkeypatch):
+    """The launcher hands torchrun a complete command line (its public parser); stray PET_* variables, which set
+    torchrun's defaults, change nothing."""
     import torch.distributed.run as torchrun
 
-    from distrnn.preemption import AGENT_SIGNALS
+    monkeypatch.setenv("PET_NNODES", "7")
+    monkeypatch.setenv("PET_MAX_RESTARTS", "9")
+    p = processes.on_machines(processes.plan("cpu", 2, gpus=0), 3, 1, "10.0.0.1", 29611)
+    args = torchrun.get_args_parser().parse_args(processes.torchrun_args(p, "distrnn.train", ["--config", "smoke"], 45))
+    assert (args.nnodes, args.nproc_per_node, args.node_rank, args.master_addr, args.master_port) == (
+        "3", "2", 1, "10.0.0.1", 29611)
+    assert (args.rdzv_backend, args.rdzv_conf, args.max_restarts) == ("static", "timeout=45", 0)
+    assert args.signals_to_handle == "SIGINT,SIGHUP,SIGQUIT"  # SIGTERM and SIGUSR1 are the launcher's (agent.py)
+    assert (args.module, args.training_script, args.training_script_args) == (True, "distrnn.train",
+                                                                              ["--config", "smoke"])
 
-    hint = (f"accelerate {accelerate.__version__} changed an internal distrnn/processes.py relies on; use the tested "
-            "accelerate 1.15.x (pyproject.toml) or adapt the launcher")
-    try:
-        from accelerate.commands.launch import _filter_args, launch_command_parser
 
-        plan = processes.plan("cpu", 2, gpus=0)
-        args = launch_command_parser().parse_args(processes.accelerate_args(plan, "distrnn.train", ["--config", "smoke"]))
-        args.signals_to_handle = AGENT_SIGNALS
-        args.training_script = "distrnn.train"
-        args.training_script_args = args.training_script_args
-        passed = _filter_args(args, torchrun.get_args_parser(), ["--training_script", args.training_script,
-                                                                 "--training_script_args", args.training_script_args])
-    except Exception as e:
-        pytest.fail(f"{hint} ({type(e).__name__}: {e})")
-    assert getattr(passed, "signals_to_handle", None) == AGENT_SIGNALS, hint
-    assert args.config_file == str(processes.launch_config("cpu_multi.yaml")) and args.num_processes == 2, hint
+def test_no_module_of_distrnn_uses_accelerates_launcher():
+    """distrnn launches through torchrun's public API: accelerate's launcher internals pinned it to one release."""
+    users = [p.name for p in (REPO / "distrnn").rglob("*.py") if "accelerate.commands" in p.read_text()]
+    assert users == []
+    assert "<1.16" not in (REPO / "pyproject.toml").read_text()
 
 
 def test_a_rank_killed_by_a_signal_is_named_even_when_another_failed_in_the_same_second(capsys):
@@ -123,7 +122,7 @@ def test_a_rank_killed_by_a_signal_is_named_even_when_another_failed_in_the_same
 
     failures = {0: ProcessFailure(0, 101, 1, "/nonexistent"), 1: ProcessFailure(1, 102, -9, "/nonexistent")}
     failures[0].timestamp = failures[1].timestamp  # the tie, made certain
-    assert processes.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 128 + 9
+    assert agent.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 128 + 9
     assert "worker rank 1 was killed by SIGKILL" in capsys.readouterr().err
 
 
@@ -134,5 +133,34 @@ def test_a_worker_that_raised_keeps_its_exit_code_and_prints_nothing_more(capsys
     )
 
     failures = {1: ProcessFailure(1, 102, 1, "/nonexistent")}
-    assert processes.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
+    assert agent.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
     assert capsys.readouterr().err == ""
+
+
+def test_a_rank_that_another_rank_named_unresponsive_is_not_reported_as_killed_too(capsys):
+    """The rank that saw the timeout named the frozen rank and stopped it (SIGKILL): one line, its own."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from distrnn.errors import PeerUnresponsive
+
+    failures = {0: ProcessFailure(0, 101, PeerUnresponsive.exit_code, "/nonexistent"),
+                1: ProcessFailure(1, 102, -9, "/nonexistent")}
+    assert agent.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == PeerUnresponsive.exit_code
+    assert capsys.readouterr().err == ""
+
+
+def test_gloo_uses_the_interface_that_routes_to_the_main_machine_unless_told(monkeypatch):
+    from distrnn import network
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert network.gloo_interface("127.0.0.1") == ("lo", "127.0.0.1", False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    assert network.gloo_interface("10.99.0.1") == ("lo", "127.0.0.1", True)  # the user's choice wins, unchecked
+
+
+def test_a_main_machine_address_that_does_not_resolve_is_one_line(monkeypatch):
+    from distrnn import network
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    with pytest.raises(DistrnnError, match=r"^--main-process-ip no-such-host\.invalid does not resolve"):
+        network.gloo_interface("no-such-host.invalid")

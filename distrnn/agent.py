@@ -1,0 +1,209 @@
+"""Several worker processes: torch's own launcher (torchrun's elastic agent), run in this process through
+its public API (`torch.distributed.run`), as Lightning Fabric's launcher does.
+
+In this process rather than as a subprocess, so that a failed worker ends with its own one-line error,
+not with the launcher's traceback. The agent runs in a thread of its own, and this module keeps the main
+thread, and so every signal: the agent's rendezvous waits in C++ (a TCPStore connect or accept), where a
+Python signal handler on the main thread would not run until it returned (SIGTERM was swallowed for more
+than 400 s while a machine waited for an absent main machine).
+
+Signals: SIGTERM and SIGUSR1 (a user, `scancel`, SLURM before the time limit) are passed on to every
+worker as a stop request (preemption.FORWARDED); before the workers exist they end the start-up at once.
+SIGINT, SIGHUP and SIGQUIT end the workers, as torchrun's agent would. Accelerate stays the library
+inside each worker: the Accelerator reads torchrun's environment as under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psutil
+
+from distrnn.errors import DistrnnError, PeerUnresponsive, debug_enabled
+from distrnn.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
+
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+KILL_AFTER_S = 20  # after SIGINT/SIGHUP/SIGQUIT: workers still running then are killed (a collective holds them)
+
+
+class _StartupStopped(Exception):
+    def __init__(self, sig: signal.Signals):
+        super().__init__(sig.name)
+        self.signal = sig
+
+
+class _Agent(threading.Thread):
+    """torch.distributed.run.run(args) in a thread; what it raised, if anything, is kept for the main thread.
+    `args()` makes torchrun's command line (it may wait for the main machine, so it runs in the thread too)."""
+
+    def __init__(self, args: Callable[[], list[str]]):
+        super().__init__(name="torchrun-agent", daemon=True)
+        self.args = args
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import torch.distributed.run as torchrun
+
+        try:
+            torchrun.run(torchrun.get_args_parser().parse_args(self.args()))
+        except BaseException as e:  # handed to the main thread, which decides what it means
+            self.error = e
+
+
+def workers() -> list[psutil.Process]:
+    """The worker processes torchrun's agent started (the children of this process)."""
+    try:
+        return psutil.Process().children()
+    except psutil.Error:
+        return []
+
+
+def signal_workers(sig: signal.Signals, group: bool = False) -> None:
+    for worker in workers():
+        try:
+            os.killpg(worker.pid, sig) if group else worker.send_signal(sig)
+        except (OSError, psutil.Error):
+            pass
+
+
+class _Signals:
+    """The main thread's signal handlers while the agent thread runs."""
+
+    def __init__(self) -> None:
+        self.ending: signal.Signals | None = None  # SIGINT, SIGHUP or SIGQUIT, once received
+        self.ending_since = 0.0
+        self._previous: dict[signal.Signals, object] = {}
+
+    def handle(self, signum: int, frame: object) -> None:
+        sig = signal.Signals(signum)
+        if sig in STOP_SIGNALS:
+            if not workers():
+                raise _StartupStopped(sig)
+            signal_workers(FORWARDED[sig])
+            return
+        self.ending, self.ending_since = self.ending or sig, self.ending_since or time.monotonic()
+        if not workers():
+            raise _StartupStopped(sig)
+        signal_workers(sig, group=True)  # each worker leads its own session (torchrun starts them so)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        for sig in (*STOP_SIGNALS, *ENDING_SIGNALS):
+            self._previous[sig] = signal.signal(sig, self.handle)
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while the agent starts workers (they inherit a copy of it)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rendezvous) -> int:
+    """Run torchrun's agent with `args()` (its command line) and the workers' extra `env`; the workers' exit
+    status. `describe_rendezvous(error)`: the one line for a rendezvous that failed."""
+    if not debug_enabled():
+        _quiet_torchrun_agent()
+    agent, signals = _Agent(args), _Signals()
+    with environment({**env, FORWARDED_VARIABLE: "1"}), signals.installed():
+        try:
+            agent.start()
+            while agent.is_alive():
+                agent.join(0.2)
+                if signals.ending and time.monotonic() - signals.ending_since > KILL_AFTER_S:
+                    signal_workers(signal.SIGKILL, group=True)
+        except _StartupStopped as e:
+            _abandon_startup(e.signal)
+    if signals.ending:
+        return 128 + int(signals.ending)
+    return _outcome(agent.error, describe_rendezvous)
+
+
+def _abandon_startup(sig: signal.Signals) -> None:
+    """A signal before the workers exist: nothing was trained, nothing is lost. The agent thread may be
+    blocked in a C++ wait; the process ends without waiting for it."""
+    code = REQUEUE_EXIT_CODE if sig in STOP_SIGNALS else 128 + int(sig)
+    print(f"distrnn: stopped by {sig.name} while starting (waiting for the other machines or starting the "
+          "workers); nothing was trained yet: run the same command again", file=sys.stderr, flush=True)
+    time.sleep(0.5)  # a worker the agent was starting at that very moment is ended too
+    signal_workers(signal.SIGKILL, group=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _outcome(error: BaseException | None, describe_rendezvous) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if error is None:
+        return 0
+    if isinstance(error, DistrnnError):  # waiting for the main machine (network.wait_for_main)
+        raise error
+    if isinstance(error, ChildFailedError):
+        return failed_workers_exit(error)
+    line = describe_rendezvous(error)
+    if line is None:
+        raise error
+    raise DistrnnError(line) from None
+
+
+def failed_workers_exit(error) -> int:
+    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed.
+
+    A rank that another rank named as unresponsive (exit PeerUnresponsive.exit_code) was named by that rank,
+    and stopped by it: no second line. Otherwise a killed rank is the cause: the others' errors ("lost
+    contact with another rank") follow from it. torchrun's get_first_failure() orders by whole-second
+    timestamps, so when the agent sees both in one poll they tie and it answers the lowest rank; a
+    signal's victim is looked for first instead.
+    """
+    if any(failure.exitcode == PeerUnresponsive.exit_code for failure in error.failures.values()):
+        return PeerUnresponsive.exit_code
+    killed = sorted(rank for rank, failure in error.failures.items() if failure.exitcode < 0)
+    rank = killed[0] if killed else error.get_first_failure()[0]
+    return _worker_exit(rank, error.failures[rank].exitcode)
+
+
+def _worker_exit(rank: int, code: int) -> int:
+    """A worker that raised printed its own line; one killed by a signal could not, so say it here."""
+    if code < 0:
+        print(f"distrnn: worker rank {rank} was killed by {signal.Signals(-code).name}; the other workers "
+              "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 128 - code
+    return code
+
+
+def _quiet_torchrun_agent() -> None:
+    """torchrun's agent logs each worker's exit as warnings and a multi-line error report; the
+    workers' own one-line errors (and _worker_exit) already say what happened."""
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def free_port() -> int:
+    """A port free on this machine now, for a one-machine rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
