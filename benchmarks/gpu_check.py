@@ -12,6 +12,7 @@ CPU-runnable checks run (CI does this).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -252,13 +253,21 @@ def evaluate_on_gpu(ctx: Context) -> dict:
     return _evaluate_stopped_checkpoint(ctx, "gpu")
 
 
-@check("fp16 with the grad scaler trains; the schedule skips the skipped steps", needs="gpu")
-def fp16(ctx: Context) -> dict:
-    summary = ctx.train("fp16", "--mode", "gpu", "--config", "smoke", "--precision", "fp16", "--set",
-                        "optim.schedule=onecycle")
+FORCED_OVERFLOW = {"DISTRNN_FAULTS": "fp16-init-scale=1e30"}  # fp16's largest is 65504: the first updates overflow
+
+
+def _fp16(ctx: Context, name: str, *args: str) -> dict:
+    summary = ctx.train(name, *args, "--config", "smoke", "--precision", "fp16", "--set", "optim.schedule=onecycle",
+                        env=FORCED_OVERFLOW)
     assert summary["test_accuracy"] > 80, summary["test_accuracy"]
+    assert summary["grad_scaler_skipped_steps"] >= 1, summary["grad_scaler_skipped_steps"]  # the overflow was seen
     assert summary["scheduler_steps"] + summary["grad_scaler_skipped_steps"] == summary["steps"], summary
     return {k: summary[k] for k in ("test_accuracy", "steps", "grad_scaler_skipped_steps", "scheduler_steps")}
+
+
+@check("fp16 with a forced overflow: the skips are counted, the schedule skips them", needs="gpu")
+def fp16(ctx: Context) -> dict:
+    return _fp16(ctx, "fp16", "--mode", "gpu")
 
 
 @check("CUDA_VISIBLE_DEVICES chooses the GPU (the second of two)", needs="2 gpus")
@@ -280,6 +289,89 @@ def ddp(ctx: Context) -> dict:
         found[n] = counts(result.stdout)
     assert found["1"] == found["2"] and [s for _, s in found["1"]] == [60000, 10000], found
     return {"train": _keep(summary), "evaluate": found}
+
+
+DDP2 = ["--mode", "ddp", "--num-processes", "2"]
+
+
+@check("DDP on 2 GPUs, fp16 with a forced overflow: the skips are counted, the schedule skips them", needs="2 gpus")
+def ddp_fp16(ctx: Context) -> dict:
+    return _fp16(ctx, "ddp-fp16", *DDP2)
+
+
+@check("DDP on 2 GPUs: the bf16 fast config, and gradient accumulation (2 steps)", needs="2 gpus")
+def ddp_bf16_accumulation(ctx: Context) -> dict:
+    fast = ctx.train("ddp-fast", *DDP2, "--config", "fast")
+    assert fast["test_accuracy"] > 97.0, fast["test_accuracy"]
+    accumulated = ctx.train("ddp-accum", *DDP2, "--config", "smoke", "--set", "train.grad_accum_steps=2")
+    assert accumulated["global_batch"] == 256 and accumulated["test_seen"] == 10000, accumulated
+    return {"fast": _keep(fast), "accumulation": _keep(accumulated)}
+
+
+def _ddp_run(ctx: Context, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    out = ctx.work / name
+    proc = subprocess.Popen([str(BIN / "distrnn"), "train", "--no-wandb", "--data-dir", ctx.data_dir, "--output-dir",
+                             str(out), *DDP2, "--config", "smoke", "--set", "train.log_every=5", *args], cwd=REPO,
+                            env=ctx.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return proc, out
+
+
+def _rank(proc: subprocess.Popen, rank: str):
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "distrnn.train" in " ".join(p.cmdline())]
+    return next(w for w in workers if w.environ().get("RANK") == rank)
+
+
+@check("DDP on 2 GPUs: SIGUSR1 mid-epoch, then resume: the same counts as uninterrupted (deterministic)",
+       needs="2 gpus")
+def ddp_resume(ctx: Context) -> dict:
+    args = ["--set", "train.deterministic=true", "--set", "checkpoint.every_steps=20"]
+    reference = ctx.train("ddp-uninterrupted", *DDP2, "--config", "smoke", "--set", "train.log_every=5", *args)
+    proc, out = _ddp_run(ctx, "ddp-interrupted", *args)
+    _wait_for_step(proc, out / "metrics.jsonl", 25)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, f"exit {proc.returncode}: {stderr[-1500:]}"
+    resumed, _ = ctx.distrnn("train", "--no-wandb", "--data-dir", ctx.data_dir, "--output-dir", str(out), *DDP2,
+                             "--config", "smoke", "--set", "train.log_every=5", *args)
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    got = json.loads((out / "summary.json").read_text())
+    pair = lambda s: [[s["train_correct"], s["train_seen"]], [s["test_correct"], s["test_seen"]]]  # noqa: E731
+    assert pair(got) == pair(reference), (pair(got), pair(reference))
+    return {"counts (train, test)": pair(got)}
+
+
+@check("DDP on 2 GPUs: kill -9 of rank 1 ends the run in seconds, naming it", needs="2 gpus")
+def ddp_killed_rank(ctx: Context) -> dict:
+    proc, out = _ddp_run(ctx, "ddp-killed")
+    _wait_for_step(proc, out / "metrics.jsonl", 10)
+    _rank(proc, "1").send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    seconds = time.monotonic() - start
+    assert "worker rank 1 was killed by SIGKILL" in stderr and proc.returncode == 137, stderr[-1500:]
+    assert seconds < 30, seconds
+    return {"seconds to end": round(seconds, 1), "exit": proc.returncode}
+
+
+@check("DDP on 2 GPUs: SIGSTOP of rank 1 ends the run within the collective timeout, naming it", needs="2 gpus")
+def ddp_frozen_rank(ctx: Context) -> dict:
+    proc, out = _ddp_run(ctx, "ddp-frozen", "--set", "train.collective_timeout_s=30")
+    _wait_for_step(proc, out / "metrics.jsonl", 10)
+    frozen = _rank(proc, "1")
+    frozen.suspend()
+    start = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(Exception):  # a stopped rank left behind would hold its GPU
+            frozen.resume()
+    seconds = time.monotonic() - start
+    assert "rank 1 (node" in stderr and "stopped responding" in stderr and proc.returncode == 3, stderr[-1500:]
+    assert seconds < 30 + 20, seconds
+    return {"seconds to end": round(seconds, 1), "exit": proc.returncode}
 
 
 # --- running and reporting ------------------------------------------------------------------------

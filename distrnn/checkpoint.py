@@ -20,11 +20,12 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distrnn import faults
+from distrnn import faults, integrity
 from distrnn.config import MATCH, Change, Config, changes_since
 from distrnn.config_values import read_yaml
 from distrnn.distributed import agree, from_main, main_print
 from distrnn.errors import DistrnnError
+from distrnn.folder_hold import FolderHold
 from distrnn.model_files import save_model_folder
 from distrnn.run_folder import CheckpointFolder, RunFolder
 
@@ -35,7 +36,8 @@ class Position:
 
     epoch: int = 0  # the epoch in progress, 0-based
     step_in_epoch: int = 0  # batches of that epoch already trained
-    global_step: int = 0
+    global_step: int = 0  # optimizer steps, applied or skipped
+    skipped_updates: int = 0  # of those, the fp16 grad scaler skipped (an overflow): the schedule did not advance
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation during training
 
@@ -77,12 +79,24 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
     agree(accelerator, lambda: _save_state(accelerator, tmp))
 
     def publish() -> None:
+        """Record every file's size and checksum in meta.json, make it all durable, rename, read it back:
+        only a checkpoint verified where it is published lets an older one be pruned."""
         check_complete(tmp, tensors)
-        faults.delay_publish()
+        files = integrity.record(tmp.path, leave_out=(tmp.meta.name,))
         meta_all = {"position": asdict(position), "num_processes": accelerator.num_processes,
-                    "saved_at": time.time(), **meta}
+                    "saved_at": time.time(), "files": files, **meta}
         _write_atomic(tmp.meta, json.dumps(meta_all, indent=2))
+        integrity.fsync_folder(tmp.path)
+        faults.delay_publish()
+        faults.corrupt_before_publish(tmp.path)
         os.replace(tmp.path, final.path)
+        integrity.fsync_folder(folder.checkpoints)
+        try:
+            integrity.verify(final.path, files)
+        except integrity.Damaged as e:
+            aside = integrity.set_aside(final.path)
+            raise DistrnnError(f"checkpoint {final.path} did not verify after it was written ({e}): set aside as "
+                               f"{aside.name}; every earlier checkpoint is intact") from None
         prune(folder, keep)
 
     agree(accelerator, publish, here=accelerator.is_main_process)
@@ -93,6 +107,7 @@ def _save_state(accelerator: Accelerator, tmp: CheckpointFolder) -> None:
     try:
         faults.fail_save()
         accelerator.save_state(str(tmp.path))
+        integrity.fsync_tree(tmp.path)  # each rank its own files too: fsync flushes only this host's writes
     except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
         raise DistrnnError(f"could not write checkpoint {tmp.path} ({e.strerror or e}); the previous checkpoint "
                            "is intact: free some space and run the same command again to resume") from None
@@ -135,16 +150,24 @@ def check_complete(folder: CheckpointFolder, expected: list[str]) -> None:
 
 
 def prune(folder: RunFolder, keep: int) -> None:
+    """Keep the newest `keep` published checkpoints (called once a newer one verified); never the set-aside ones."""
     complete = [c for c in folder.all_checkpoints() if c.is_complete()]
     for old in complete[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
+    integrity.fsync_folder(folder.checkpoints)
 
 
-def newest(folder: RunFolder) -> tuple[CheckpointFolder | None, list[CheckpointFolder]]:
-    """The newest complete checkpoint, and the incomplete ones passed over."""
+def newest_verified(folder: RunFolder) -> tuple[CheckpointFolder | None, list[str]]:
+    """The newest checkpoint that verifies, and warnings: incomplete ones passed over, damaged ones set aside."""
     found = folder.all_checkpoints()
-    complete = [c for c in found if c.is_complete()]
-    return (complete[-1] if complete else None), [c for c in found if not c.is_complete()]
+    warnings = [f"skipping incomplete checkpoint {c.path} (a save was interrupted)" for c in found if not c.is_complete()]
+    for checkpoint in reversed([c for c in found if c.is_complete()]):
+        what = integrity.damage(checkpoint.path, checkpoint.meta)
+        if what is None:
+            return checkpoint, warnings
+        aside = integrity.set_aside(checkpoint.path)
+        warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); set aside as {aside.name}")
+    return None, warnings
 
 
 def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None, list[str]]:
@@ -154,13 +177,23 @@ def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None
     if resume != "auto":
         given = CheckpointFolder(Path(resume))
         if given.is_complete():
+            what = integrity.damage(given.path, given.meta)
+            if what is not None:
+                raise DistrnnError(f"--resume {resume}: that checkpoint is damaged ({what}); pass another, or a run "
+                                   "folder, or --resume never")
             return given, []
         folder = RunFolder(resume)
-    found, skipped = newest(folder)
+    found, warnings = newest_verified(folder)
     if found is None and resume != "auto":
         raise DistrnnError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/step-* folder "
                            "or a run folder that has one, or --resume never")
-    return found, [f"skipping incomplete checkpoint {c.path} (a save was interrupted)" for c in skipped]
+    if found is None and folder.damaged_checkpoints():
+        raise DistrnnError(f"no checkpoint in {folder.checkpoints} verifies (set aside: "
+                           f"{', '.join(p.name for p in folder.damaged_checkpoints())}); start afresh with "
+                           "--resume never, or pass another --output-dir")
+    if found is not None and any("is damaged" in w for w in warnings):
+        warnings.append(f"resuming from {found.path}, the newest checkpoint that verifies")
+    return found, warnings
 
 
 def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None, meta: dict[str, Any] | None,
@@ -208,8 +241,8 @@ class Checkpointer:
     every rank's own RNG file), `save` (three agreements around save_state), `save_best` (one agreement).
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int):
-        self.accelerator, self.cfg, self.folder = accelerator, cfg, folder
+    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int, hold: FolderHold):
+        self.accelerator, self.cfg, self.folder, self.hold = accelerator, cfg, folder, hold
         self.say = main_print(accelerator)
         self.bytes = estimated_bytes(parameters, accelerator.num_processes)
         accelerator.register_save_state_pre_hook(untie_weights)
@@ -217,11 +250,14 @@ class Checkpointer:
 
     def resume_point(self) -> tuple[CheckpointFolder | None, dict[str, Any] | None]:
         """The checkpoint to continue from and its meta.json (None, None for a fresh start), after the
-        run folder passed its checks; the main process decides and every rank uses its answer."""
+        run folder passed its checks (this run holds it first); the main process decides and every rank
+        uses its answer."""
         cfg, acc = self.cfg, self.accelerator
 
         def decide():
+            held = self.hold.take()
             found, warnings = find_resume(self.folder, cfg.checkpoint.resume)
+            warnings = held + warnings
             meta = read_meta(found) if found else None
             changes = check_resume(self.folder, cfg, found, meta, acc.num_processes)
             self.folder.prepare(cfg.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20)
@@ -238,7 +274,15 @@ class Checkpointer:
         """Model, optimizer, scheduler, sampler and RNG states from `found`; where training stands."""
         if not meta:
             return Position()
-        self.accelerator.load_state(str(found.path))
+        acc = self.accelerator
+
+        def load() -> None:
+            faults.fail_startup("checkpoint", acc.process_index)
+            # "on_device": what accelerate picks for DDP on GPUs (gloo's default is "cpu"), so CPU tests run
+            # the GPU path; on one process or a CPU it is the same device.
+            acc.load_state(str(found.path), map_location="on_device")
+
+        agree(acc, load)  # every rank reads its own RNG file: one failing must stop the others at once
         if constant_lr:  # load_state restored the saved lr; a changed one applies from here on
             for group in optimizer.param_groups:
                 group["lr"] = self.cfg.optim.lr

@@ -1,28 +1,37 @@
-"""All rank logic in one place: the Accelerator, exact reductions, agreement, teardown."""
+"""All rank logic in one place: the Accelerator, exact reductions, agreement, heartbeats, what a failed
+collective means, teardown."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn, TypeVar
 
 import click
+import psutil
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    GradScalerKwargs,
     InitProcessGroupKwargs,
     broadcast_object_list,
     gather_object,
     set_seed,
 )
 
+from distrnn import faults
 from distrnn.devices import check_precision, set_numerics
-from distrnn.errors import DistrnnError, Quiet, first_line, run_cli
+from distrnn.errors import DistrnnError, PeerUnresponsive, Quiet, first_line, run_cli
 
 T = TypeVar("T")
 
@@ -35,7 +44,26 @@ def make_accelerator(precision: str, seed: int, collective_timeout_s: int, proje
     # torch's default); the launcher then reports the rank. Gloo raises instead (peer_failure).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     set_numerics(tf32, deterministic)
-    accelerator = Accelerator(
+    try:
+        accelerator = _accelerator(precision, seed, collective_timeout_s, project_dir)
+    except RuntimeError as e:  # joining the process group: the main machine or a peer is gone or unreachable
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not _is_collective_failure(e):
+            raise
+        where_ = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise DistrnnError(f"rank {os.environ.get('RANK')} could not join the process group of the main machine at "
+                           f"{where_} ({first_line(e)}); check that every machine runs and can reach it") from None
+    check_precision(precision, on_cpu=accelerator.device.type == "cpu")
+    if accelerator.device.type == "cpu":
+        # Denormals slowed CPU training up to 50x here; flushing them costs no accuracy.
+        torch.set_flush_denormal(True)
+    set_seed(seed)
+    return accelerator
+
+
+def _accelerator(precision: str, seed: int, collective_timeout_s: int, project_dir: str) -> Accelerator:
+    init_scale = faults.grad_scaler_init_scale()
+    scaler = [GradScalerKwargs(init_scale=init_scale)] if init_scale else []
+    return Accelerator(
         mixed_precision=precision,
         project_dir=project_dir,
         # The schedule's total steps are computed from the per-rank loader, so the
@@ -45,14 +73,8 @@ def make_accelerator(precision: str, seed: int, collective_timeout_s: int, proje
         # so the shards are disjoint and change every epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
         # If a rank dies or hangs, the others fail after this instead of waiting forever.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)), *scaler],
     )
-    check_precision(precision, on_cpu=accelerator.device.type == "cpu")
-    if accelerator.device.type == "cpu":
-        # Denormals slowed CPU training up to 50x here; flushing them costs no accuracy.
-        torch.set_flush_denormal(True)
-    set_seed(seed)
-    return accelerator
 
 
 def main_print(accelerator: Accelerator) -> Callable[..., None]:
@@ -120,25 +142,140 @@ def agree(accelerator: Accelerator, action: Callable[[], T], here: bool = True) 
     raise Quiet(failed[0][1])
 
 
-# Gloo reports a dead or hung peer as a plain RuntimeError with one of these texts.
-_GLOO_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out")
+# What a failed collective says, from torch's, gloo's and NCCL's sources (torch 2.14, NCCL 2.30). Texts,
+# not types: gloo raises plain RuntimeErrors, and NCCL raises DistBackendError for everything, a dead peer
+# as much as a full /dev/shm or mismatched versions.
+_TIMED_OUT = (
+    "Timed out waiting",  # gloo: "Timed out waiting 20000ms for recv operation to complete"
+    "Application timeout caused pair closure",  # gloo: the other pairs of a timed-out collective
+    "Read timeout", "Write timeout", "Connect timeout",  # gloo pair.cc
+    "Watchdog caught collective operation timeout",  # NCCL's watchdog
+    "wait timeout after",  # the c10d store: a key another rank never set
+    "timed out in blocking wait", "NCCL operation timed out",
+)
+_PEER_GONE = (
+    "Connection closed by peer", "Connection reset by peer", "Socket closed", "Socket unexpectedly closed",  # gloo
+    "remote process exited or there was a network error", "ncclRemoteError",  # NCCL: ncclRemoteError
+    "Connection closed by remote peer", "exceeded error retry count",  # NCCL's last-error lines for a peer
+    "Failed to recv, got 0 bytes", "Failed to send, sent 0 bytes", "Broken pipe",  # the c10d store's server is gone
+)
 
 
-def peer_failure(accelerator: Accelerator | None, error: BaseException) -> DistrnnError | None:
-    """A collective that failed because another rank died or hung, as one line; else None.
+def _is_collective_failure(error: BaseException) -> bool:
+    markers = (*_TIMED_OUT, *_PEER_GONE, "Gloo connectFullMesh failed", "timed out connecting")
+    return isinstance(error, dist.DistError) or any(m in str(error) for m in markers)
 
-    By type first (NCCL and the rendezvous store raise DistBackendError / DistNetworkError /
-    DistStoreError), then by gloo's texts. An NCCL error that is not about a peer (a version
-    mismatch, invalid usage) is not a lost rank and keeps its own message.
+
+def peer_failure(accelerator: Accelerator | None, error: BaseException,
+                 heartbeats: Heartbeats | None = None, collective_timeout_s: int = 0) -> DistrnnError | None:
+    """A failed collective as one line, by what its error says; None for anything else (a bug keeps its
+    traceback).
+
+    - a timeout: another rank did not answer; the ranks whose heartbeat stopped are named (PeerUnresponsive);
+    - a peer gone (connection closed or reset, ncclRemoteError): "lost contact with another rank";
+    - any other torch.distributed error (an NCCL system or usage error): its own text, not a lost peer.
     """
     if accelerator is None or accelerator.num_processes < 2 or not isinstance(error, RuntimeError):
         return None
-    lost_peer = isinstance(error, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or any(
-        marker in str(error) for marker in _GLOO_PEER_FAILURE)
-    if not lost_peer:
-        return None
-    return DistrnnError(f"rank {accelerator.process_index} lost contact with another rank ({first_line(error)}); "
-                        "stopping")
+    text, rank = str(error), accelerator.process_index
+    if any(marker in text for marker in _TIMED_OUT):
+        return _unresponsive(accelerator, error, heartbeats, collective_timeout_s)
+    if any(marker in text for marker in _PEER_GONE):
+        return DistrnnError(f"rank {rank} lost contact with another rank ({first_line(error)}); stopping")
+    if isinstance(error, dist.DistError):
+        last = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((after for before, after in zip(last, last[1:]) if before == "Last error:"), None)
+        return DistrnnError(f"rank {rank}: {type(error).__name__} (not a lost peer): {first_line(error)}"
+                            + (f"; last error: {detail[:200]}" if detail else ""))
+    return None
+
+
+def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: Heartbeats | None,
+                  timeout_s: int) -> DistrnnError:
+    """A collective waited `timeout_s` for a rank that never came: name it (its heartbeat stopped too), stop
+    it if it runs on this machine (it would hold its node until torchrun's 30 s shutdown grace and then be
+    killed), and print once, from the lowest rank that still answers."""
+    silent = heartbeats.silent() if heartbeats is not None else {}
+    if not silent:
+        return PeerUnresponsive(f"rank {accelerator.process_index}: no answer from another rank within "
+                                f"train.collective_timeout_s={timeout_s} s ({first_line(error)}); stopping")
+    for who in silent.values():
+        heartbeats.stop_if_local(who)
+    if accelerator.process_index != min(set(range(accelerator.num_processes)) - set(silent)):
+        return Quiet(PeerUnresponsive.exit_code)
+    named = ", ".join(f"rank {r} (node {who['host']}, pid {who['pid']})" for r, who in sorted(silent.items()))
+    return PeerUnresponsive(f"{named} stopped responding: no collective finished within "
+                            f"train.collective_timeout_s={timeout_s} s and its heartbeat stopped; it was stopped, "
+                            "and so was the run: run the same command again to resume from the last checkpoint")
+
+
+class Heartbeats:
+    """Every rank counts up its own key in torchrun's store (on the main machine) once a second, from a thread
+    of its own: it keeps counting while the main thread waits in a collective, and stops when the process
+    is frozen (SIGSTOP, a debugger, a machine that stopped scheduling it) or gone. When a collective times
+    out, the ranks whose count did not move are the ones that stopped responding. Counts, not clock times:
+    machines' clocks differ.
+    """
+
+    SECONDS = 1.0
+    SILENT_AFTER = 3  # beats missed in a row
+
+    def __init__(self, accelerator: Accelerator):
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.prefix = f"distrnn/heartbeat/{run}"
+        self.store, self.beat_store = self._client(), self._client()
+        self.store.set(f"{self.prefix}/who/{self.rank}",
+                       json.dumps({"host": socket.gethostname().split(".")[0], "pid": os.getpid()}))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="distrnn-heartbeat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def start(accelerator: Accelerator) -> Heartbeats | None:
+        """Under torchrun (MASTER_ADDR and its store); None for one process or another launcher."""
+        if accelerator.num_processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ:
+            return None
+        return Heartbeats(accelerator)
+
+    @staticmethod
+    def _client() -> dist.TCPStore:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=30))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.SECONDS):
+            try:
+                self.beat_store.add(f"{self.prefix}/beats/{self.rank}", 1)
+            except Exception:  # the store is gone with the main machine's launcher: nothing to beat into
+                return
+
+    def silent(self) -> dict[int, dict]:
+        """{rank: {"host", "pid"}} of the other ranks whose count did not move for SILENT_AFTER beats."""
+        try:
+            keys = [f"{self.prefix}/beats/{r}" for r in range(self.world)]
+            before = [self.store.add(k, 0) for k in keys]
+            time.sleep(self.SILENT_AFTER * self.SECONDS)
+            after = [self.store.add(k, 0) for k in keys]
+            return {r: json.loads(self.store.get(f"{self.prefix}/who/{r}")) for r in range(self.world)
+                    if r != self.rank and after[r] == before[r]}
+        except Exception:  # the store is unreachable too: nothing can be said about who
+            return {}
+
+    def stop_if_local(self, who: dict) -> None:
+        """SIGKILL a silent rank of this machine: one started by the same launcher as this process."""
+        if who["host"] != socket.gethostname().split(".")[0]:
+            return
+        try:
+            process = psutil.Process(who["pid"])
+            if process.ppid() == os.getppid():
+                process.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.SECONDS)
 
 
 def teardown(accelerator: Accelerator | None) -> None:

@@ -4,8 +4,12 @@ Comma-separated faults, set in the environment of the process (or of one node's 
 should have them; unset in every real run:
 
     save-oserror        this process fails to write its part of a checkpoint (disk quota exceeded)
+    startup-error=S:R   rank R fails at start-up stage S: checkpoint (loading it), trackers, prepare
     publish-delay=S     the main process waits S seconds between writing a checkpoint and renaming it
+    corrupt-publish     one byte of a checkpoint's optimizer state flips after its checksums were recorded
     cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
+    cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
+    fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 
 import torch
 from torch import nn
+
+from distrnn.errors import DistrnnError
 
 
 def _active() -> dict[str, str]:
@@ -30,6 +36,31 @@ def _active() -> dict[str, str]:
 def fail_save() -> None:
     if "save-oserror" in _active():
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
+def fail_startup(stage: str, rank: int) -> None:
+    stage_rank = _active().get("startup-error")
+    if stage_rank == f"{stage}:{rank}":
+        raise DistrnnError(f"injected start-up fault: {stage} failed on rank {rank} (DISTRNN_FAULTS)")
+
+
+def grad_scaler_init_scale() -> float | None:
+    value = _active().get("fp16-init-scale")
+    return float(value) if value else None
+
+
+def corrupt_before_publish(folder) -> None:
+    if "corrupt-publish" in _active():
+        flip_byte(next(folder.glob("optimizer*.bin")))
+
+
+def flip_byte(path) -> None:
+    """One byte in the middle of `path`, inverted (what a bad disk or a bad copy does)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def delay_publish() -> None:
@@ -51,3 +82,15 @@ def flatten_like_cudnn(rnn: nn.RNNBase) -> None:
         setattr(rnn, name, nn.Parameter(flat[offset : offset + tensor.numel()].view_as(tensor)))
         offset += tensor.numel()
     rnn._init_flat_weights()
+
+
+def run_rnn_as_on_a_gpu() -> None:
+    """cuda-bf16-rnn: make model.py choose, on a CPU, what it chooses on a GPU under bf16 autocast (the RNN
+    run by hand with bf16 copies of its weights, model.recurrent_in), so that DDP's gradient hooks and
+    accumulation through that path run in CPU tests."""
+    if "cuda-bf16-rnn" not in _active():
+        return
+    from distrnn import model
+
+    choose = model.rnn_dtype_outside_autocast
+    model.rnn_dtype_outside_autocast = lambda device_type, enabled, dtype: choose("cuda", enabled, dtype)

@@ -10,7 +10,7 @@ of this stays on the device, and the training loop reads it every CHECK_EVERY st
   the flag stays set, so every later update is skipped too: the weights stay those from before the
   first bad step until the check stops the run.
 With fp16 the grad scaler owns `found_inf` (it skips overflowing steps and lowers its scale); a
-non-finite loss still stops the run at the next check.
+non-finite loss still stops the run at the next check, and ScalerSkips tells which updates it skipped.
 """
 
 from __future__ import annotations
@@ -67,6 +67,30 @@ class NonFiniteGuard:
     def entry_at(self, step: int) -> tuple[int, Batch] | None:
         """(batch number in its epoch, the batch) of a recent step."""
         return next(((in_epoch, batch) for s, in_epoch, batch in self.recent if s == step), None)
+
+
+class ScalerSkips:
+    """fp16: whether the grad scaler skipped the update just made (an overflow), so that the schedule
+    advances only with the weights and summary.json counts the skips.
+
+    Accelerate's `step_was_skipped` cannot tell with a fused optimizer: GradScaler passes found_inf to
+    the fused kernel (`_step_supports_amp_scaling`), so the patched step accelerate watches is always
+    called and the flag is always False, while the kernel leaves the weights unchanged. The scaler
+    lowers its scale exactly when it skips (backoff after an inf or NaN; it only grows otherwise), so a
+    lower scale than after the previous update means this one was skipped. Reading it is one host sync
+    per update, the one the scaler's unfused path makes anyway (it reads found_inf before stepping).
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler | None):
+        self.scaler = scaler
+        self.scale = scaler.get_scale() if scaler is not None else None  # after a resume: the restored one
+
+    def last_update_skipped(self) -> bool:
+        """Call once after each optimizer update (accelerate's step, which also updates the scaler)."""
+        if self.scaler is None:
+            return False
+        before, self.scale = self.scale, self.scaler.get_scale()
+        return self.scale < before
 
 
 def total_norm(parameters) -> torch.Tensor:

@@ -10,9 +10,11 @@ from typing import Any
 import click
 
 from distrnn.config import Config, load_config
-from distrnn.distributed import make_accelerator, peer_failure, run_worker, teardown
+from distrnn.distributed import Heartbeats, make_accelerator, peer_failure, run_worker, teardown
+from distrnn.folder_hold import FolderHold
 from distrnn.options import config_options, overrides_from
 from distrnn.preemption import StopRequest
+from distrnn.run_folder import RunFolder
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
@@ -20,21 +22,26 @@ def run_training(cfg: Config) -> dict[str, Any]:
     from distrnn.trainer import Trainer
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
-    accelerator = trainer = None
+    hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken by the Trainer before it writes there
+    accelerator = trainer = heartbeats = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
-        trainer = Trainer(cfg, accelerator, stop_request)
+        heartbeats = Heartbeats.start(accelerator)
+        trainer = Trainer(cfg, accelerator, stop_request, hold)
         return trainer.fit()
     except Exception as e:
-        lost = peer_failure(accelerator, e)
+        lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s)
         if lost is None:
             raise
         raise lost from None
     finally:
+        if heartbeats is not None:
+            heartbeats.close()
         if trainer is not None:
             trainer.close()
+        hold.release()  # also when the Trainer failed to start after taking it
         teardown(accelerator)
 
 

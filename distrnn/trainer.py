@@ -31,9 +31,10 @@ from distrnn.evaluator import (
     patience_exhausted,
     summary,
 )
+from distrnn.folder_hold import FolderHold
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.model_files import save_model
-from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, raise_nonfinite, total_norm
+from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite, total_norm
 from distrnn.preemption import StoppedOnRequest, StopRequest
 from distrnn.progress import Progress
 from distrnn.run_folder import RunFolder
@@ -41,8 +42,17 @@ from distrnn.tools import figures
 from distrnn.tracking import RunLog
 
 
+def onecycle(accelerator: Accelerator, optimizer, cfg: Config, steps_per_epoch: int):
+    """optim.schedule=onecycle's scheduler (prepared), or None for a constant learning rate."""
+    if cfg.optim.schedule != "onecycle":
+        return None
+    return accelerator.prepare(torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optim.lr, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=cfg.optim.pct_start))
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest):
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None):
+        """`hold`: this run's hold on its folder, taken before anything is written there; its owner releases it."""
         self.cfg, self.accelerator, self.stop_request = cfg, accelerator, stop_request
         accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
         self.folder = RunFolder(cfg.train.output_dir)
@@ -58,11 +68,15 @@ class Trainer:
         self.data = loaders.load_run_data(accelerator, cfg)
         model = StackedRNN(cfg.model)
         faults.flatten_like_cudnn(model.rnn)
+        faults.run_rnn_as_on_a_gpu()
         self.say(f"model: {count_parameters(model):,} parameters")
-        self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model))
+        self.hold = hold or FolderHold(self.folder.hold)
+        self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model), self.hold)
         resume_from, meta = self.checkpointer.resume_point()
-        self.log = RunLog(accelerator, self.folder, cfg.wandb, cfg.to_dict(), resumed=meta is not None,
-                          resumed_id=meta.get("wandb_run_id") if meta else None, tensorboard=cfg.tensorboard.enabled)
+        # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
+        # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
+        self.log = agree(accelerator, lambda: self._start_run_log(meta))
+        agree(accelerator, lambda: self._to_device(model))
         # Fused: one kernel for the whole update, and it can skip a step on the device (see nonfinite.py).
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -70,23 +84,26 @@ class Trainer:
                                     scaler_owns_skips=accelerator.scaler is not None)
         self.loader = loaders.make_train_loader(accelerator, cfg, self.data)
         self.steps_per_epoch = -(-len(self.loader) // cfg.train.grad_accum_steps)  # a partial last group counts
-        self.scheduler = self._make_scheduler()
+        self.scheduler = onecycle(accelerator, self.optimizer, cfg, self.steps_per_epoch)
         self.position = self.checkpointer.restore(resume_from, meta, self.optimizer, self.scheduler is None,
                                                   len(self.loader))
+        self.scaler_skips = ScalerSkips(accelerator.scaler)  # after restore: it starts from the restored scale
         self.progress = Progress(accelerator, per_process * processes, self.position.train_seconds)
         self.evaluator = Evaluator(accelerator, self.model, cfg.train.eval_batch_size, self.data.val, self.data.test,
                                    self.progress)
         self.early_stopped = patience_exhausted(self.position.history, cfg.train.early_stop_patience)  # stays so
         self.bar: tqdm | None = None  # the epoch's progress bar (a terminal only)
         self.loss = torch.zeros((), device=accelerator.device)  # this rank's last training loss
-        self.skipped_steps = 0  # updates the fp16 grad scaler skipped (overflow), since this start
 
-    def _make_scheduler(self):
-        if self.cfg.optim.schedule != "onecycle":
-            return None
-        return self.accelerator.prepare(torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.cfg.optim.lr, total_steps=self.cfg.train.epochs * self.steps_per_epoch,
-            pct_start=self.cfg.optim.pct_start))
+    def _start_run_log(self, meta) -> RunLog:
+        faults.fail_startup("trackers", self.accelerator.process_index)
+        return RunLog(self.accelerator, self.folder, self.cfg.wandb, self.cfg.to_dict(), resumed=meta is not None,
+                      resumed_id=meta.get("wandb_run_id") if meta else None, tensorboard=self.cfg.tensorboard.enabled)
+
+    def _to_device(self, model: StackedRNN) -> None:
+        """The part of accelerator.prepare that can fail on one rank (out of memory): before DDP's collective."""
+        faults.fail_startup("prepare", self.accelerator.process_index)
+        model.to(self.accelerator.device)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -145,10 +162,10 @@ class Trainer:
             self.guard.grads_computed(norm, self.position.global_step)
 
     def step_scheduler(self) -> None:
-        """The schedule advances only with the weights: not on a step the fp16 grad scaler skipped (an
-        overflow). Reading that flag is a host sync, which fp16's scaler makes every step anyway."""
-        if self.guard.scaler_owns_skips and self.accelerator.optimizer_step_was_skipped:
-            self.skipped_steps += 1
+        """The schedule advances only with the weights: not on an update the fp16 grad scaler skipped (an
+        overflow; one host read per update under fp16, see ScalerSkips)."""
+        if self.scaler_skips.last_update_skipped():
+            self.position.skipped_updates += 1
         elif self.scheduler is not None:
             self.scheduler.step()
 
@@ -272,7 +289,7 @@ class Trainer:
             "num_processes": self.accelerator.num_processes,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda" else None,
-            "grad_scaler_skipped_steps": self.skipped_steps if self.guard.scaler_owns_skips else None,
+            "grad_scaler_skipped_steps": self.position.skipped_updates if self.guard.scaler_owns_skips else None,
             "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
             "best_val_accuracy": best[0] if best else None, "best_val_step": best[1] if best else None,
             "early_stopped": self.early_stopped and self.position.epoch < self.cfg.train.epochs,
@@ -281,3 +298,4 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        self.hold.release()

@@ -19,15 +19,23 @@ def mnist_dir() -> Path:
     return Path(os.environ.get("DISTRNN_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(extra or {})}
+# Every process the tests start: collectives refuse bool tensors, and every rank checks that all ranks call
+# the same collective with the same shapes and dtypes (tests/collective_check/sitecustomize.py says why not
+# TORCH_DISTRIBUTED_DEBUG=DETAIL).
+COLLECTIVE_CHECK = {"PYTHONPATH": str(REPO / "tests" / "collective_check"), "DISTRNN_TEST_COLLECTIVE_CHECK": "1"}
+
+
+def process_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **COLLECTIVE_CHECK, **(extra or {})}
+    if extra and "PYTHONPATH" in extra:  # a test's own path first, the check still on it
+        env["PYTHONPATH"] = os.pathsep.join([extra["PYTHONPATH"], COLLECTIVE_CHECK["PYTHONPATH"]])
     env.pop("DISTRNN_DEBUG", None)
     return env
 
 
 def run(args: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path = REPO):
     """Run a real command (distrnn, python -m ...) and return the CompletedProcess."""
-    return subprocess.run(args, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=process_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def distrnn(*args: str, **kwargs):
@@ -36,7 +44,7 @@ def distrnn(*args: str, **kwargs):
 
 def start_distrnn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `distrnn ...` in the background (its own session, so a test can signal the whole job)."""
-    return subprocess.Popen([str(BIN / "distrnn"), *args], cwd=REPO, env=_env(env), text=True,
+    return subprocess.Popen([str(BIN / "distrnn"), *args], cwd=REPO, env=process_env(env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 

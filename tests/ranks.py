@@ -68,6 +68,9 @@ SCENARIOS = {
     # every rank uses the main process's answer (a shared file system can show ranks different folders)
     "from-main": lambda acc: print(f"RESULT [{from_main(acc, acc.process_index)}]", flush=True),
     "accumulate": accumulate,
+    # what tests/collective_check refuses: a bool, and ranks calling different collectives
+    "bool-collective": lambda acc: torch.distributed.all_reduce(torch.ones(2, dtype=torch.bool)),
+    "mismatched-collectives": lambda acc: torch.distributed.all_reduce(torch.ones(2 + acc.process_index)),
     # not a DistrnnError, on the main process only: the others must not wait for the collective timeout
     "main-raises": lambda acc: agree(acc, lambda: {}["missing key"], here=acc.is_main_process),
 }

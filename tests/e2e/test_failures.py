@@ -11,7 +11,9 @@ import signal
 import socket
 import time
 
+import psutil
 import pytest
+import torch
 
 from distrnn.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import (
@@ -144,3 +146,61 @@ def test_a_finished_run_trains_on_for_more_epochs_as_if_it_had_asked_for_them(tm
     assert "resume: train.epochs changed from 1 to 2" in more.stdout
     assert counts(more.stdout) == counts(once.stdout)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2 * 32
+
+
+# --- NCCL's ways of failing, on gloo -------------------------------------------------------------
+
+def workers_of(proc) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "distrnn.train" in " ".join(p.cmdline())]
+
+
+def test_a_frozen_rank_is_named_as_unresponsive_within_the_collective_timeout(tmp_path, data_dir):
+    """SIGSTOP keeps a rank's sockets open, as a rank stuck under NCCL does: the others notice it only through
+    the collective timeout (20 s here). Before: 53 s, a raw torch line and "rank 1 was killed by SIGKILL"."""
+    out = tmp_path / "run"
+    proc = start_distrnn("train", "--mode", "cpu", "--num-processes", "2", "--data-dir", str(data_dir),
+                         "--output-dir", str(out), *RUN, "--set", "train.collective_timeout_s=20")
+    wait_for_step(proc, out, 4)
+    workers = workers_of(proc)
+    [frozen] = [w for w in workers if w.environ().get("RANK") == "1"]
+    frozen.suspend()
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert 20 <= elapsed < 20 + 20, f"{elapsed:.1f} s"
+    assert proc.returncode == 3, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        f"distrnn.train: error: rank 1 (node {HOST}, pid {frozen.pid}) stopped responding: no collective finished "
+        "within train.collective_timeout_s=20 s and its heartbeat stopped; it was stopped, and so was the run: run "
+        "the same command again to resume from the last checkpoint"]
+    assert not psutil.wait_procs(workers, timeout=10)[1], "workers left behind"
+
+
+@pytest.mark.parametrize("stage", ["checkpoint", "trackers", "prepare"])
+def test_a_start_up_failure_on_rank_1_stops_every_rank_at_once_with_its_line(tmp_path, data_dir, stage):
+    """Loading the checkpoint, starting the trackers and moving the model to its device are agreed: rank 0
+    stops at once, quietly, instead of meeting a lost rank 1 in DDP's constructor (30-300 s on NCCL)."""
+    out, two = tmp_path / "run", ["train", "--mode", "cpu", "--num-processes", "2", "--data-dir", str(data_dir), *TINY]
+    more = []
+    if stage == "checkpoint":  # something to load: a finished epoch, continued for one more
+        assert distrnn(*two, "--output-dir", str(out)).returncode == 0
+        more = ["--epochs", "2"]
+    start = time.monotonic()
+    result = distrnn(*two, "--output-dir", str(out), *more, env={"DISTRNN_FAULTS": f"startup-error={stage}:1"})
+    assert time.monotonic() - start < 60
+    assert one_line_error(result) == (f"distrnn.train: error on rank 1 (node {HOST}): injected start-up fault: "
+                                      f"{stage} failed on rank 1 (DISTRNN_FAULTS)")
+
+
+def test_bf16_rnn_run_by_hand_trains_under_ddp_and_accumulation_as_autocast_does(tmp_path, data_dir):
+    """The GPU's bf16 path (the RNN outside autocast with bf16 copies of its weights; DISTRNN_FAULTS makes a
+    CPU take it) under DDP's gradient hooks and accumulation: the same weights, bit for bit, as CPU autocast's
+    bf16 RNN, and exact counts."""
+    args = ["train", "--mode", "cpu", "--num-processes", "2", "--data-dir", str(data_dir), *TINY,
+            "--precision", "bf16", "--set", "train.grad_accum_steps=2"]
+    by_hand = distrnn(*args, "--output-dir", str(tmp_path / "hand"), env={"DISTRNN_FAULTS": "cuda-bf16-rnn"})
+    autocast = distrnn(*args, "--output-dir", str(tmp_path / "autocast"))
+    assert by_hand.returncode == 0 and autocast.returncode == 0, by_hand.stderr[-2000:] + autocast.stderr[-2000:]
+    assert counts(by_hand.stdout) == counts(autocast.stdout) and [n for _, n in counts(by_hand.stdout)] == [640, 500]
+    hand, auto = (torch.load(tmp_path / name / "model.pt", weights_only=True)["model"] for name in ("hand", "autocast"))
+    assert all(torch.equal(hand[name], auto[name]) for name in hand)

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from distrnn.loaders import hold_out
 from distrnn.metrics import exact_accuracy

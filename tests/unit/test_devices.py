@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distrnn import devices
-from distrnn.distributed import peer_failure
 
 
 @pytest.fixture
@@ -34,23 +32,3 @@ def test_deterministic_sets_what_exactness_on_a_gpu_needs(restore_numerics, monk
     import os
 
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-
-
-class TwoRanks:
-    num_processes, process_index = 2, 0
-
-
-@pytest.mark.parametrize("error, lost", [
-    (RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:6023"), True),
-    (RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv operation"), True),
-    (dist.DistBackendError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)"), True),
-    (dist.DistNetworkError("failed to recv, got 0 bytes"), True),
-    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1971, invalid usage, NCCL version 2.27.3"), False),
-    (RuntimeError("CUDA out of memory"), False),
-    (ValueError("Connection closed by peer"), False),
-])
-def test_a_lost_peer_is_recognised_by_type_then_by_gloos_text(error, lost):
-    found = peer_failure(TwoRanks(), error)
-    assert (found is not None) == lost
-    if lost:
-        assert str(found).startswith("rank 0 lost contact with another rank (")

@@ -31,15 +31,16 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def trainer(tmp_path, data_dir):
+def make_trainer(tmp_path, data_dir, *overrides: str, scaler: torch.amp.GradScaler | None = None):
+    """A real Trainer in this process; `scaler`: fp16's grad scaler, which Accelerate gives CPUs none of."""
     from accelerate.state import AcceleratorState
 
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     cfg = build_config(overrides=["data.train_samples=1280", "data.test_samples=100", "train.batch_size=32",
                                   f"data.dir={data_dir}", f"train.output_dir={tmp_path / 'run'}", "wandb.enabled=false",
-                                  "train.log_every=1000", "checkpoint.every_steps=null"])
+                                  "train.log_every=1000", "checkpoint.every_steps=null", *overrides])
     accelerator = make_accelerator("no", 0, 300, str(tmp_path))
+    accelerator.scaler = scaler  # what prepare() wraps the optimizer with, and backward() scales by
     t = Trainer(cfg, accelerator, StopRequest())
     reduces = []
     real_reduce = accelerator.reduce
@@ -47,12 +48,78 @@ def trainer(tmp_path, data_dir):
     t.collectives = reduces
     t.progress.start_epoch(0)
     t.batches = iter(t.epoch_batches())
+
+    def close() -> None:
+        t.close()
+        teardown(accelerator)
+        AcceleratorState._reset_state(True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    return t, close
+
+
+@pytest.fixture
+def trainer(tmp_path, data_dir):
+    t, close = make_trainer(tmp_path, data_dir)
     yield t
-    t.close()
+    close()
+
+
+@pytest.fixture
+def fp16_trainer(tmp_path, data_dir):
+    """fp16's update path on a CPU: a real GradScaler, a fused Adam, and the OneCycle schedule that must
+    wait when an update is skipped."""
+    t, close = make_trainer(tmp_path, data_dir, "optim.schedule=onecycle", scaler=torch.amp.GradScaler("cpu"))
+    yield t
+    close()
+
+
+def test_fp16_skip_of_an_overflowing_update_is_counted_and_the_schedule_waits(fp16_trainer):
+    """fp32 gradients on a CPU do not overflow at any fp32 scale, so an overflow is made the way fp16 makes
+    one: an inf in a gradient (steps 3, 4 and 8 here). Accelerate's step_was_skipped stays False with a
+    fused Adam under the scaler; distrnn counts each skipped update, keeps the weights, and steps the
+    schedule only on applied updates."""
+    t = fp16_trainer
+    model = t.accelerator.unwrap_model(t.model)
+    overflow = {3, 4, 8}
+    model.fc.bias.register_hook(lambda g: torch.full_like(g, float("inf")) if t.position.global_step in overflow
+                                else g)
+    for step in range(12):
+        before = [p.detach().clone() for p in model.parameters()]
+        t.train_step(*next(t.batches))
+        applied = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        assert applied == (step not in overflow), step
+        assert not t.accelerator.optimizer_step_was_skipped  # accelerate's flag: never set
+    assert t.position.skipped_updates == len(overflow) and t.position.global_step == 12
+    assert t.scheduler.scheduler.last_epoch == 12 - len(overflow)
+
+
+def test_fp16_skip_is_seen_through_accelerates_optimizer_with_a_fused_adam(tmp_path):
+    """The unit itself: AcceleratedOptimizer + GradScaler("cpu") + an inf gradient."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from distrnn.nonfinite import ScalerSkips
+
+    accelerator = make_accelerator("no", 0, 300, str(tmp_path))  # the state AcceleratedOptimizer reads
+    model = torch.nn.Linear(4, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(torch.optim.Adam(model.parameters(), fused=True), device_placement=False,
+                                     scaler=scaler)
+    skips = ScalerSkips(scaler)
+    for poisoned in (False, True, False):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(3, 4)).sum()).backward()
+        if poisoned:
+            model.weight.grad[0, 0] = float("inf")
+        before = model.weight.detach().clone()
+        optimizer.step()
+        assert skips.last_update_skipped() == poisoned
+        assert torch.equal(before, model.weight) == poisoned
+        assert optimizer.step_was_skipped is False  # why accelerate's flag cannot be used
     teardown(accelerator)
     AcceleratorState._reset_state(True)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def test_a_training_step_never_waits_for_the_device(trainer):
