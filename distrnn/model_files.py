@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from distrnn import integrity
 from distrnn.config import Config, build_config
 from distrnn.errors import DistrnnError
 from distrnn.model import StackedRNN
@@ -30,6 +31,12 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], folder: R
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state.items()}
     torch.save({"model": weights, "config": config}, folder.model)
     save_file(weights, str(folder.model_safetensors), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
+    # Each file's size and checksum, so that a torn or changed file is named before it is used (load_model).
+    files = {p.name: integrity.record(p.parent)[p.name] for p in (folder.model, folder.model_safetensors)}
+    folder.manifest.write_text(json.dumps({"files": files}, indent=2) + "\n")
+    for path in (folder.model, folder.model_safetensors, folder.manifest):
+        integrity.fsync_file(path)
+    integrity.fsync_folder(folder.root)
 
 
 def save_model_folder(state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
@@ -45,15 +52,38 @@ def save_model_folder(state: dict[str, torch.Tensor], config: dict[str, Any], pa
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_recorded(path: Path) -> None:
+    """A model file written with a manifest (RUN/manifest.json, best/manifest.json) is as recorded there."""
+    manifest = RunFolder(path.parent).manifest
+    if not manifest.is_file():
+        return  # written before distrnn recorded checksums, or a file from elsewhere
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DistrnnError(f"'{manifest}', the record of {path.name}'s checksum, cannot be read ({e})") from None
+    try:
+        integrity.verify(path.parent, {path.name: files[path.name]} if path.name in files else {})
+    except integrity.Damaged as e:
+        raise DistrnnError(f"'{path}' is damaged ({e}); use another copy, or a checkpoint of the run "
+                           "(--checkpoint RUN/checkpoints/step-N)") from None
+
+
 def load_model(source: str | Path) -> tuple[StackedRNN, Config]:
-    """A run folder (its model.pt, or model.safetensors), either file, or a checkpoints/step-* folder."""
+    """A run folder (its model.pt, or model.safetensors), either file, or a checkpoints/step-* folder; each
+    verified against the sizes and checksums recorded when it was written."""
     path = Path(source)
     checkpoint = CheckpointFolder(path)
     if checkpoint.meta.is_file():
+        what = integrity.damage(checkpoint.path, checkpoint.meta)
+        if what is not None:
+            raise DistrnnError(f"checkpoint '{checkpoint.path}' is damaged ({what}); pass another checkpoint or the "
+                               "run folder")
         return _load_checkpoint(checkpoint)
     if path.is_dir():
         folder = RunFolder(path)
         path = folder.model if folder.model.is_file() or not folder.model_safetensors.is_file() else folder.model_safetensors
+    if path.is_file():
+        check_recorded(path)
     if path.suffix == ".safetensors" and path.is_file():
         return _load_safetensors(path)
     if not path.is_file():

@@ -6,7 +6,10 @@
     RUN/model.safetensors    the same without pickle; the config in its metadata
     RUN/confusion.png, .csv  the final test confusion matrix; RUN/errors.png the most confident mistakes
     RUN/summary.json         final counts, accuracy, time; its presence means "finished"
-    RUN/checkpoints/step-N/  accelerate's save_state + meta.json; .tmp-step-N while being written
+    RUN/checkpoints/step-N/  accelerate's save_state + meta.json (with every file's size and checksum);
+                             .tmp-step-N while being written, .damaged-step-N once set aside
+    RUN/manifest.json        the size and checksum of model.pt and model.safetensors
+    RUN/.hold                which run owns the folder (folder_hold.py)
     RUN/best/                the best model by validation accuracy (checkpoint.keep_best)
     RUN/debug/               what a non-finite loss left behind
     RUN/wandb/               W&B's own folder (offline runs)
@@ -25,6 +28,7 @@ from distrnn.errors import DistrnnError
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = ".damaged-"  # integrity.set_aside
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,15 @@ class RunFolder:
         return self.root / "model.safetensors"
 
     @property
+    def manifest(self) -> Path:
+        """integrity.record of the model files, written with them."""
+        return self.root / "manifest.json"
+
+    @property
+    def hold(self) -> Path:
+        return self.root / ".hold"
+
+    @property
     def confusion_png(self) -> Path:
         return self.root / "confusion.png"
 
@@ -116,6 +129,12 @@ class RunFolder:
     def checkpoint(self, step: int, tmp: bool = False) -> CheckpointFolder:
         name = f"{CHECKPOINT_PREFIX}{step:08d}"
         return CheckpointFolder(self.checkpoints / (TMP_PREFIX + name if tmp else name))
+
+    def damaged_checkpoints(self) -> list[Path]:
+        """Checkpoints set aside because they did not verify (integrity.set_aside: .damaged-step-N)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(DAMAGED_PREFIX + CHECKPOINT_PREFIX))
 
     def all_checkpoints(self) -> list[CheckpointFolder]:
         """Complete and incomplete checkpoints, oldest first."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -190,3 +191,94 @@ def test_checkpoint_rebuilds_its_model_and_refuses_another(tmp_path, data_dir):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"distrnn.train: error: checkpoint {checkpoint} has model.hidden_size=64 but this run asks for "
                      "model.hidden_size=128; use the same config, another --output-dir, or --resume never"]
+
+
+# --- checkpoints that can be trusted, a folder that one run owns --------------------------------------
+
+def damaged_resume(tmp_path, data_dir, uninterrupted, processes: int, damage) -> None:
+    """Stop at step >= 25 (checkpoints 10, 20 and the stop's), damage the newest, resume: one warning naming
+    it, the previous checkpoint resumes, and the run ends bit-identical to an uninterrupted one."""
+    reference, reference_stdout = uninterrupted(processes)
+    out = tmp_path / "run"
+    code, _, stderr = interrupt(out, processes, data_dir, signal.SIGUSR1, 25)
+    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    newest = newest_checkpoint(out)
+    previous = sorted(p for p in (out / "checkpoints").glob("step-*") if p != newest)[-1]
+    what = damage(newest)
+    resumed = distrnn(*train_args(out, processes, data_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [line for line in resumed.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: checkpoint {newest} is damaged ({what}); set aside as .damaged-{newest.name}",
+                        f"warning: resuming from {previous}, the newest checkpoint that verifies"]
+    assert f"resumed from {previous}: " in resumed.stdout
+    assert (out / "checkpoints" / f".damaged-{newest.name}").is_dir()
+    assert_bit_identical(out, reference)
+    assert counts(resumed.stdout) == counts(reference_stdout)
+
+
+def test_an_emptied_newest_weights_file_resumes_from_the_previous_checkpoint(tmp_path, data_dir, uninterrupted):
+    """What a node crash leaves when the rename reached the disk before the data did. Before: a traceback
+    (safetensors' "header too small") although older good checkpoints were there."""
+    def empty(newest: Path) -> str:
+        size = (newest / "model.safetensors").stat().st_size
+        (newest / "model.safetensors").write_bytes(b"")
+        return f"model.safetensors is 0 bytes, {size} when it was written"
+
+    damaged_resume(tmp_path, data_dir, uninterrupted, 1, empty)
+
+
+def test_a_flipped_byte_in_the_newest_optimizer_state_resumes_from_the_previous_checkpoint(tmp_path, data_dir,
+                                                                                          uninterrupted):
+    """Before: the resume succeeded silently (exit 0) with a corrupted optimizer state."""
+    def flip(newest: Path) -> str:
+        from distrnn.faults import flip_byte
+
+        flip_byte(newest / "optimizer.bin")
+        return "optimizer.bin does not match its checksum (changed after it was written)"
+
+    damaged_resume(tmp_path, data_dir, uninterrupted, 1, flip)
+
+
+def test_a_damaged_file_of_rank_1_is_found_by_the_main_process_and_every_rank_resumes_the_same(tmp_path, data_dir,
+                                                                                             uninterrupted):
+    def truncate(newest: Path) -> str:
+        path = newest / "random_states_1.pkl"
+        size = path.stat().st_size
+        path.write_bytes(path.read_bytes()[: size // 2])
+        return f"random_states_1.pkl is {size // 2} bytes, {size} when it was written"
+
+    damaged_resume(tmp_path, data_dir, uninterrupted, 2, truncate)
+
+
+def test_a_save_that_does_not_verify_leaves_every_earlier_checkpoint_in_place(tmp_path, data_dir):
+    out = tmp_path / "run"
+    code, _, _ = interrupt(out, 1, data_dir, signal.SIGUSR1, 25)
+    assert code == REQUEUE_EXIT_CODE
+    before = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert len(before) == 3  # checkpoint.keep
+    failed = distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_FAULTS": "corrupt-publish"})
+    assert failed.returncode == 1
+    [line] = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert re.fullmatch(rf"distrnn.train: error: checkpoint {out}/checkpoints/step-(\d+) did not verify after it "
+                        r"was written \(optimizer.bin does not match its checksum \(changed after it was written\)\): "
+                        r"set aside as \.damaged-step-\1; every earlier checkpoint is intact", line), line
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == before  # nothing pruned
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_while_the_first_finishes(tmp_path, data_dir):
+    """Two `distrnn train` one second apart (a double sbatch). Before: both ran to the end, exit 0, each
+    pruning the other's checkpoints and appending to the same metrics.jsonl."""
+    out = tmp_path / "run"
+    first = start_distrnn(*train_args(out, 1, data_dir))
+    time.sleep(1)
+    second = distrnn(*train_args(out, 1, data_dir))
+    _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode == 1
+    [line] = [line for line in second.stderr.splitlines() if line.strip()]
+    assert re.fullmatch(rf"distrnn.train: error: {out} is in use by another run \(host \S+, pid {first.pid}, since "
+                        r"[\d-]+ [\d:]+\); pass another --output-dir \(if that run is gone, remove \.hold: README, "
+                        r"Checkpoint integrity\)", line), line
+    assert not (out / ".hold").exists()  # released by the first at its end
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one run's log

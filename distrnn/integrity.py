@@ -1,0 +1,113 @@
+"""Files that can be trusted: written durably, each one's size and checksum recorded, verified before use,
+and set aside (never deleted) when damaged. Used for checkpoints (the record is in their meta.json) and for
+the final model files (RUN/manifest.json, and best/manifest.json).
+
+Durable: a rename can reach the disk before the data of the files it names (a node crash left a newest
+checkpoint whose model.safetensors was empty, its name in place). So every file, then its folder, are
+fsynced before a checkpoint is published by its rename, and the parent folder after it.
+
+Checksum: CRC-32 (zlib). Measured on this machine (AMD EPYC, 2 cores, busy) on a 3.3 MB checkpoint:
+1.1 ms for CRC-32, 3.4 ms for SHA-256, 6.0 ms for BLAKE2b, against ~50 ms for the save itself: SHA-256
+alone would cost ~7%, over the 5% allowed. CRC-32 catches every truncation and every burst of flipped
+bits up to 32 long; it is not a defence against someone who wants to forge a file, which is not the risk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+class Damaged(Exception):
+    """A file is missing, unreadable, or not what was recorded when it was written (the message says which)."""
+
+
+def checksum(path: Path) -> str:
+    value = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            value = zlib.crc32(chunk, value)
+    return f"crc32:{value:08x}"
+
+
+def record(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "checksum"}} of every file under `folder` but `leave_out`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in leave_out)
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "checksum": checksum(p)} for p in files}
+
+
+def verify(folder: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Raise Damaged naming the first file that is missing, unreadable or unlike its record."""
+    for name, expected in files.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            if size != expected["size"]:
+                raise Damaged(f"{name} is {size} bytes, {expected['size']} when it was written")
+            if checksum(path) != expected["checksum"]:
+                raise Damaged(f"{name} does not match its checksum (changed after it was written)")
+        except FileNotFoundError:
+            raise Damaged(f"{name} is missing") from None
+        except OSError as e:
+            raise Damaged(f"{name} cannot be read ({e.strerror or e})") from None
+
+
+def damage(folder: Path, record_file: Path) -> str | None:
+    """What is wrong with `folder`, whose files `record_file` (JSON, "files": record(...)) describes; None when
+    every file is as recorded, or when nothing was recorded (written before distrnn recorded checksums)."""
+    try:
+        files = json.loads(record_file.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{record_file.name} cannot be read ({getattr(e, 'strerror', None) or e})"
+    if files is None:
+        return None
+    try:
+        verify(folder, files)
+    except Damaged as e:
+        return str(e)
+    return None
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: Path) -> None:
+    """The folder's entries (names, renames) onto the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then every folder, deepest first, `folder` last."""
+    paths = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in paths:
+        if path.is_file():
+            fsync_file(path)
+    for path in paths:
+        if path.is_dir():
+            fsync_folder(path)
+    fsync_folder(folder)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` to .damaged-<name> beside it (never deleted: a person may want to look at it)."""
+    target = path.with_name(f".damaged-{path.name}")
+    n = 2
+    while target.exists():
+        target, n = path.with_name(f".damaged-{path.name}-{n}"), n + 1
+    os.replace(path, target)
+    fsync_folder(path.parent)
+    return target

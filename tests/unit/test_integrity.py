@@ -1,0 +1,145 @@
+"""Trusted files on hand-made folders: what is recorded, what verifies, what is set aside; the run-folder hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distrnn import checkpoint, faults, integrity
+from distrnn.errors import DistrnnError
+from distrnn.folder_hold import STALE_AFTER_S, FolderHold, Holder
+from distrnn.model_files import load_model
+from distrnn.run_folder import RunFolder
+
+
+def published(folder: RunFolder, step: int) -> None:
+    """A checkpoint as checkpoint.save publishes it: its files, then meta.json recording them."""
+    ckpt = folder.checkpoint(step)
+    ckpt.path.mkdir(parents=True)
+    (ckpt.path / "model.safetensors").write_bytes(os.urandom(4000))
+    (ckpt.path / "optimizer.bin").write_bytes(os.urandom(9000))
+    (ckpt.path / "random_states_1.pkl").write_bytes(os.urandom(300))
+    files = integrity.record(ckpt.path)
+    ckpt.meta.write_text(json.dumps({"position": {"epoch": 0, "step_in_epoch": step, "global_step": step},
+                                     "files": files}))
+
+
+@pytest.fixture
+def folder(tmp_path) -> RunFolder:
+    run = RunFolder(tmp_path / "run")
+    for step in (20, 40, 60):
+        published(run, step)
+    return run
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda c: (c.path / "model.safetensors").write_bytes(b""), "model.safetensors is 0 bytes, 4000 when it was written"),
+    (lambda c: faults.flip_byte(c.path / "optimizer.bin"), "optimizer.bin does not match its checksum (changed after "
+                                                           "it was written)"),
+    (lambda c: (c.path / "random_states_1.pkl").unlink(), "random_states_1.pkl is missing"),
+    (lambda c: c.meta.write_text('{"position": '), "meta.json cannot be read (Expecting value: line 1 column 14 "
+                                                   "(char 13))"),
+])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_chosen(folder, damage, what):
+    damage(folder.checkpoint(60))
+    found, warnings = checkpoint.find_resume(folder, "auto")
+    assert found.step == 40
+    assert warnings == [f"checkpoint {folder.checkpoint(60).path} is damaged ({what}); set aside as "
+                        ".damaged-step-00000060",
+                        f"resuming from {folder.checkpoint(40).path}, the newest checkpoint that verifies"]
+    assert (folder.checkpoints / ".damaged-step-00000060").is_dir()  # kept, for a person to look at
+    assert checkpoint.find_resume(folder, "auto") == (found, [])  # and not looked at again
+
+
+def test_when_no_checkpoint_verifies_one_line_says_how_to_start_afresh(folder):
+    for step in (20, 40, 60):
+        (folder.checkpoint(step).path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(DistrnnError) as e:
+        checkpoint.find_resume(folder, "auto")
+    assert str(e.value) == (f"no checkpoint in {folder.checkpoints} verifies (set aside: .damaged-step-00000020, "
+                            ".damaged-step-00000040, .damaged-step-00000060); start afresh with --resume never, or "
+                            "pass another --output-dir")
+    with pytest.raises(DistrnnError, match="no checkpoint in .* verifies"):  # still, the next time
+        checkpoint.find_resume(folder, "auto")
+
+
+def test_a_damaged_checkpoint_named_by_path_is_refused_not_moved(folder):
+    faults.flip_byte(folder.checkpoint(40).path / "optimizer.bin")
+    with pytest.raises(DistrnnError, match=r"that checkpoint is damaged \(optimizer.bin does not match"):
+        checkpoint.find_resume(folder, str(folder.checkpoint(40).path))
+    assert folder.checkpoint(40).path.is_dir()
+
+
+def test_pruning_never_touches_a_set_aside_checkpoint(folder):
+    integrity.set_aside(folder.checkpoint(20).path)
+    checkpoint.prune(folder, keep=1)
+    assert [c.step for c in folder.all_checkpoints()] == [60]
+    assert [p.name for p in folder.damaged_checkpoints()] == [".damaged-step-00000020"]
+
+
+def test_model_files_are_verified_against_their_manifest(tmp_path):
+    """evaluate, predict and export all load through load_model: one line for a damaged file."""
+    from distrnn.config import Config
+    from distrnn.model import StackedRNN
+    from distrnn.model_files import save_model
+
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
+    load_model(run.root)
+    faults.flip_byte(run.model)
+    with pytest.raises(DistrnnError) as e:
+        load_model(run.root)
+    assert str(e.value) == (f"'{run.model}' is damaged (model.pt does not match its checksum (changed after it was "
+                            "written)); use another copy, or a checkpoint of the run (--checkpoint "
+                            "RUN/checkpoints/step-N)")
+    load_model(run.model_safetensors)  # the other file is intact, and usable
+
+
+# --- the hold ---------------------------------------------------------------------------------------
+
+def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    path = tmp_path / "run" / ".hold"
+    first = FolderHold(path)
+    assert first.take() == []
+    holder = first.read()
+    other = subprocess.run([sys.executable, "-c", "from pathlib import Path; from distrnn.folder_hold import FolderHold;"
+                            f"FolderHold(Path({str(path)!r})).take()"], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0
+    assert f"DistrnnError: {path.parent} is in use by another run ({holder.describe()}); pass another --output-dir" \
+           in other.stderr
+    first.release()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("stale, why", [
+    (dict(pid=2**22 - 7), "its process 4194297 is gone"),  # beyond pid_max: never a live process
+    (dict(host="elsewhere", refreshed=time.time() - STALE_AFTER_S - 5), "it was not refreshed for"),
+])
+def test_a_stale_hold_is_taken_over_with_a_warning(tmp_path, monkeypatch, stale, why):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    path = tmp_path / ".hold"
+    old = {**Holder.me().__dict__, "started": time.time() - 1000, **stale}
+    path.write_text(json.dumps(old))
+    hold = FolderHold(path)
+    [warning] = hold.take()
+    assert warning.startswith(f"took over the stale hold on {tmp_path} ({Holder(**old).describe()}): {why}")
+    assert hold.read().pid == os.getpid()
+    hold.release()
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_hold_silently(tmp_path, monkeypatch):
+    path = tmp_path / ".hold"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    path.write_text(json.dumps({**Holder.me().__dict__, "host": "node7", "slurm_restart": 0}))  # before the requeue
+    hold = FolderHold(path)
+    assert hold.take() == []
+    assert (hold.read().slurm_job, hold.read().slurm_restart) == ("4242", 1)
+    hold.release()
