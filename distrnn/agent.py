@@ -178,8 +178,11 @@ def failed_workers_exit(error) -> int:
     """
     if any(failure.exitcode == PeerUnresponsive.exit_code for failure in error.failures.values()):
         return PeerUnresponsive.exit_code
-    killed = sorted(rank for rank, failure in error.failures.items() if failure.exitcode < 0)
-    rank = killed[0] if killed else error.get_first_failure()[0]
+    # SIGTERM is how torchrun's agent stops the other workers after a failure (stop requests reach them as
+    # other signals, preemption.FORWARDED): a rank it ended is not the cause when another rank failed.
+    failures = {rank: f for rank, f in error.failures.items() if f.exitcode != -signal.SIGTERM} or error.failures
+    killed = sorted(rank for rank, failure in failures.items() if failure.exitcode < 0)
+    rank = killed[0] if killed else min(failures, key=lambda r: (failures[r].timestamp, r))
     return _worker_exit(rank, error.failures[rank].exitcode)
 
 

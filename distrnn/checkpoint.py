@@ -278,9 +278,10 @@ class Checkpointer:
 
         def load() -> None:
             faults.fail_startup("checkpoint", acc.process_index)
-            # "on_device": what accelerate picks for DDP on GPUs (gloo's default is "cpu"), so CPU tests run
-            # the GPU path; on one process or a CPU it is the same device.
-            acc.load_state(str(found.path), map_location="on_device")
+            # Accelerate's own choice: "on_device" for DDP on GPUs, "cpu" on gloo. "on_device" cannot run on
+            # gloo (tried: it maps to cpu:0, which torch.load refuses: "don't know how to restore data location
+            # ... cpu:0"), so the GPU branch is covered by make gpu-check's 2-GPU resume check.
+            acc.load_state(str(found.path))
 
         agree(acc, load)  # every rank reads its own RNG file: one failing must stop the others at once
         if constant_lr:  # load_state restored the saved lr; a changed one applies from here on

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distrnn.preemption import REQUEUE_EXIT_CODE
-from tests.helpers import BIN, counts, distrnn, newest_checkpoint, start_distrnn, wait_for_step
+from tests.helpers import BIN, counts, distrnn, newest_checkpoint, one_line_error, start_distrnn, wait_for_step
 
 # Two epochs of 4000 images: 63 steps an epoch with 1 process, 32 with 2; a checkpoint every 10 steps.
 STEPS = {1: 63, 2: 32}
@@ -258,7 +258,7 @@ def test_a_save_that_does_not_verify_leaves_every_earlier_checkpoint_in_place(tm
     assert len(before) == 3  # checkpoint.keep
     failed = distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_FAULTS": "corrupt-publish"})
     assert failed.returncode == 1
-    [line] = [line for line in failed.stderr.splitlines() if line.strip()]
+    line = one_line_error(failed)
     assert re.fullmatch(rf"distrnn.train: error: checkpoint {out}/checkpoints/step-(\d+) did not verify after it "
                         r"was written \(optimizer.bin does not match its checksum \(changed after it was written\)\): "
                         r"set aside as \.damaged-step-\1; every earlier checkpoint is intact", line), line
@@ -275,7 +275,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_while_the_first_finishes(t
     _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err[-3000:]
     assert second.returncode == 1
-    [line] = [line for line in second.stderr.splitlines() if line.strip()]
+    line = one_line_error(second)
     assert re.fullmatch(rf"distrnn.train: error: {out} is in use by another run \(host \S+, pid {first.pid}, since "
                         r"[\d-]+ [\d:]+\); pass another --output-dir \(if that run is gone, remove \.hold: README, "
                         r"Checkpoint integrity\)", line), line

@@ -164,3 +164,12 @@ def test_a_main_machine_address_that_does_not_resolve_is_one_line(monkeypatch):
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     with pytest.raises(DistrnnError, match=r"^--main-process-ip no-such-host\.invalid does not resolve"):
         network.gloo_interface("no-such-host.invalid")
+
+
+def test_a_rank_torchrun_ended_with_sigterm_after_another_failed_is_not_named_as_the_cause(capsys):
+    """Another rank raised (and printed its own error); the agent then ended rank 0 with SIGTERM."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {0: ProcessFailure(0, 101, -15, "/nonexistent"), 1: ProcessFailure(1, 102, 1, "/nonexistent")}
+    assert agent.failed_workers_exit(ChildFailedError("distrnn.train", failures)) == 1
+    assert capsys.readouterr().err == ""
