@@ -1,0 +1,89 @@
+"""Machines with network stacks of their own, for tests of what crosses a network: Linux network namespaces,
+one per machine, each with one veth interface plugged into a bridge in a namespace of its own (the switch).
+
+Every address exists only inside namespaces made here (10.201.N.0/24, N from the test's process id); nothing
+is sent anywhere else. Everything made is removed when the `machines()` block ends, also on failure, and every
+command the helpers run is bounded in time. Needs root (CI runs as root).
+
+The host name still resolves to 127.0.0.1 inside the namespaces (/etc/hosts is shared), as on Debian's
+default /etc/hosts and in many containers: what made gloo advertise loopback to the other machines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+PREFIX = "dnt"  # every namespace and interface made here starts with it (names are at most 15 characters)
+
+
+def available() -> str | None:
+    """None when namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is missing"
+    return None
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
+
+
+@dataclass(frozen=True)
+class Machine:
+    namespace: str
+    address: str
+    interface: str = "eth0"
+
+    def command(self, args: list[str]) -> list[str]:
+        """`args` run inside this machine's network stack."""
+        return ["ip", "netns", "exec", self.namespace, *args]
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.command(args), **kwargs)
+
+
+def _tag() -> int:
+    return os.getpid() % 200 + 20
+
+
+@contextmanager
+def machines(count: int) -> Iterator[list[Machine]]:
+    """`count` machines on one switch: 10.201.T.1, 10.201.T.2, ... (T from this process)."""
+    tag = _tag()
+    switch = f"{PREFIX}{tag}sw"
+    made = [switch]
+    try:
+        _ip("netns", "add", switch)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        found = []
+        for i in range(count):
+            name = f"{PREFIX}{tag}m{i}"
+            _ip("netns", "add", name)
+            made.append(name)
+            # the veth pair is made in the machine's namespace, its other end moved into the switch
+            _ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}")
+            _ip("-n", name, "link", "set", f"p{i}", "netns", switch)
+            _ip("-n", switch, "link", "set", f"p{i}", "master", "br0")
+            _ip("-n", switch, "link", "set", f"p{i}", "up")
+            address = f"10.201.{tag}.{i + 1}"
+            _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+            found.append(Machine(name, address))
+        yield found
+    finally:
+        for name in reversed(made):  # deleting a namespace deletes its interfaces
+            _ip("netns", "del", name, check=False)
+
+
+def leftovers() -> list[str]:
+    """Namespaces of this module's that are still there (a test that leaks one fails on it)."""
+    listed = _ip("netns", "list", check=False).stdout.split()
+    return [word for word in listed if word.startswith(PREFIX)]
