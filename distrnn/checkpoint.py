@@ -79,8 +79,9 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
     agree(accelerator, lambda: _save_state(accelerator, tmp))
 
     def publish() -> None:
-        """Record every file's size and checksum in meta.json, make it all durable, rename, read it back:
-        only a checkpoint verified where it is published lets an older one be pruned."""
+        """Record every file's size and checksum (read back after every rank fsynced its files) in meta.json,
+        make meta.json and the folder durable, publish by renaming, and only then prune older checkpoints.
+        Not read back again after the rename: that would read this machine's page cache, not the disk."""
         check_complete(tmp, tensors)
         files = integrity.record(tmp.path, leave_out=(tmp.meta.name,))
         meta_all = {"position": asdict(position), "num_processes": accelerator.num_processes,
@@ -88,15 +89,8 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
         _write_atomic(tmp.meta, json.dumps(meta_all, indent=2))
         integrity.fsync_folder(tmp.path)
         faults.delay_publish()
-        faults.corrupt_before_publish(tmp.path)
         os.replace(tmp.path, final.path)
         integrity.fsync_folder(folder.checkpoints)
-        try:
-            integrity.verify(final.path, files)
-        except integrity.Damaged as e:
-            aside = integrity.set_aside(final.path)
-            raise DistrnnError(f"checkpoint {final.path} did not verify after it was written ({e}): set aside as "
-                               f"{aside.name}; every earlier checkpoint is intact") from None
         prune(folder, keep)
 
     agree(accelerator, publish, here=accelerator.is_main_process)

@@ -6,7 +6,6 @@ should have them; unset in every real run:
     save-oserror        this process fails to write its part of a checkpoint (disk quota exceeded)
     startup-error=S:R   rank R fails at start-up stage S: checkpoint (loading it), trackers, prepare
     publish-delay=S     the main process waits S seconds between writing a checkpoint and renaming it
-    corrupt-publish     one byte of a checkpoint's optimizer state flips after its checksums were recorded
     cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
     cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
     fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
@@ -47,20 +46,6 @@ def fail_startup(stage: str, rank: int) -> None:
 def grad_scaler_init_scale() -> float | None:
     value = _active().get("fp16-init-scale")
     return float(value) if value else None
-
-
-def corrupt_before_publish(folder) -> None:
-    if "corrupt-publish" in _active():
-        flip_byte(next(folder.glob("optimizer*.bin")))
-
-
-def flip_byte(path) -> None:
-    """One byte in the middle of `path`, inverted (what a bad disk or a bad copy does)."""
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def delay_publish() -> None:

@@ -106,3 +106,12 @@ def replace(raw: Path, name: str, content: bytes) -> None:
 def header(magic: int, *dims: int) -> bytes:
     """An IDX header: the magic number, then each dimension, big-endian."""
     return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))
+
+
+def flip_byte(path: Path) -> None:
+    """One byte in the middle of `path`, inverted: what a bad disk or a bad copy does."""
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from distrnn.preemption import REQUEUE_EXIT_CODE
-from tests.helpers import BIN, counts, distrnn, newest_checkpoint, one_line_error, start_distrnn, wait_for_step
+from tests.helpers import (
+    BIN,
+    counts,
+    distrnn,
+    flip_byte,
+    newest_checkpoint,
+    one_line_error,
+    start_distrnn,
+    wait_for_step,
+)
 
 # Two epochs of 4000 images: 63 steps an epoch with 1 process, 32 with 2; a checkpoint every 10 steps.
 STEPS = {1: 63, 2: 32}
@@ -231,8 +240,6 @@ def test_a_flipped_byte_in_the_newest_optimizer_state_resumes_from_the_previous_
                                                                                           uninterrupted):
     """Before: the resume succeeded silently (exit 0) with a corrupted optimizer state."""
     def flip(newest: Path) -> str:
-        from distrnn.faults import flip_byte
-
         flip_byte(newest / "optimizer.bin")
         return "optimizer.bin does not match its checksum (changed after it was written)"
 
@@ -250,18 +257,18 @@ def test_a_damaged_file_of_rank_1_is_found_by_the_main_process_and_every_rank_re
     damaged_resume(tmp_path, data_dir, uninterrupted, 2, truncate)
 
 
-def test_a_save_that_does_not_verify_leaves_every_earlier_checkpoint_in_place(tmp_path, data_dir):
+def test_a_save_that_fails_leaves_every_earlier_checkpoint_in_place(tmp_path, data_dir):
+    """Pruning comes after a newer checkpoint is published: a failed save prunes nothing."""
     out = tmp_path / "run"
     code, _, _ = interrupt(out, 1, data_dir, signal.SIGUSR1, 25)
     assert code == REQUEUE_EXIT_CODE
     before = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert len(before) == 3  # checkpoint.keep
-    failed = distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_FAULTS": "corrupt-publish"})
+    failed = distrnn(*train_args(out, 1, data_dir), env={"DISTRNN_FAULTS": "save-oserror"})
     assert failed.returncode == 1
-    line = one_line_error(failed)
-    assert re.fullmatch(rf"distrnn.train: error: checkpoint {out}/checkpoints/step-(\d+) did not verify after it "
-                        r"was written \(optimizer.bin does not match its checksum \(changed after it was written\)\): "
-                        r"set aside as \.damaged-step-\1; every earlier checkpoint is intact", line), line
+    assert re.fullmatch(rf"distrnn.train: error: could not write checkpoint {out}/checkpoints/\.tmp-step-\d+ \(Disk "
+                        r"quota exceeded\); the previous checkpoint is intact: free some space and run the same "
+                        r"command again to resume", one_line_error(failed))
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == before  # nothing pruned
 
 

@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from distrnn import checkpoint, faults, integrity
+from distrnn import checkpoint, integrity
 from distrnn.errors import DistrnnError
 from distrnn.folder_hold import STALE_AFTER_S, FolderHold, Holder
 from distrnn.model_files import load_model
 from distrnn.run_folder import RunFolder
+from tests.helpers import flip_byte
 
 
 def published(folder: RunFolder, step: int) -> None:
@@ -39,7 +40,7 @@ def folder(tmp_path) -> RunFolder:
 
 @pytest.mark.parametrize("damage, what", [
     (lambda c: (c.path / "model.safetensors").write_bytes(b""), "model.safetensors is 0 bytes, 4000 when it was written"),
-    (lambda c: faults.flip_byte(c.path / "optimizer.bin"), "optimizer.bin does not match its checksum (changed after "
+    (lambda c: flip_byte(c.path / "optimizer.bin"), "optimizer.bin does not match its checksum (changed after "
                                                            "it was written)"),
     (lambda c: (c.path / "random_states_1.pkl").unlink(), "random_states_1.pkl is missing"),
     (lambda c: c.meta.write_text('{"position": '), "meta.json cannot be read (Expecting value: line 1 column 14 "
@@ -69,7 +70,7 @@ def test_when_no_checkpoint_verifies_one_line_says_how_to_start_afresh(folder):
 
 
 def test_a_damaged_checkpoint_named_by_path_is_refused_not_moved(folder):
-    faults.flip_byte(folder.checkpoint(40).path / "optimizer.bin")
+    flip_byte(folder.checkpoint(40).path / "optimizer.bin")
     with pytest.raises(DistrnnError, match=r"that checkpoint is damaged \(optimizer.bin does not match"):
         checkpoint.find_resume(folder, str(folder.checkpoint(40).path))
     assert folder.checkpoint(40).path.is_dir()
@@ -92,7 +93,7 @@ def test_model_files_are_verified_against_their_manifest(tmp_path):
     run.root.mkdir()
     save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
     load_model(run.root)
-    faults.flip_byte(run.model)
+    flip_byte(run.model)
     with pytest.raises(DistrnnError) as e:
         load_model(run.root)
     assert str(e.value) == (f"'{run.model}' is damaged (model.pt does not match its checksum (changed after it was "
