@@ -203,7 +203,7 @@ def markdown(results: dict) -> str:
               f"data.train_samples=64`, whole command) {fixed['run_64_seconds']:.2f} s; "
               f"`python -c \"import torch, accelerate\"` {fixed['import_seconds']:.2f} s (medians of "
               f"{FIXED_REPEATS} pairs a round)."]
-    lines += [f"Bare loop (forward + backward + fused Adam on in-memory batches, `benchmarks/bare_loop.py`): "
+    lines += ["Bare loop (forward + backward + fused Adam on in-memory batches, `benchmarks/bare_loop.py`): "
               + "; ".join(f"batch {b['batch_size']} {b['precision']}: {b['samples_per_s']:.0f} samples/s"
                           for b in bare.values()) + "."]
     ddp = results.get("ddp")
