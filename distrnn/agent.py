@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import psutil
 
-from distrnn.errors import DistrnnError, PeerUnresponsive, debug_enabled
+from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, debug_enabled
 from distrnn.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -120,11 +120,33 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rendezvous) -> int:
-    """Run torchrun's agent with `args()` (its command line) and the workers' extra `env`; the workers' exit
-    status. `describe_rendezvous(error)`: the one line for a rendezvous that failed."""
+def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rendezvous, max_restarts: int = 0) -> int:
+    """Run torchrun's agent with `args()` (its command line, made anew for each start) and the workers' extra
+    `env`; the workers' exit status. `describe_rendezvous(error)`: the one line for a rendezvous that failed.
+
+    With `max_restarts`, workers that fail for a reason that may not repeat (a worker killed by a signal,
+    one that stopped responding, a lost peer) are started again, up to that many times, each printing one
+    line; they resume from the newest checkpoint that verifies. Errors that would repeat (a bad config,
+    damaged data: exit 1 or 2) end the run at once.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     if not debug_enabled():
         _quiet_torchrun_agent()
+    for restart in range(max_restarts + 1):
+        error, ending = _run_once(args, env)
+        if ending:
+            return 128 + int(ending)
+        if restart < max_restarts and isinstance(error, ChildFailedError) and retryable(error):
+            print(f"distrnn: restart {restart + 1} of {max_restarts} after {describe_failure(error)}; resuming "
+                  "from the newest checkpoint that verifies", file=sys.stderr, flush=True)
+            continue
+        return _outcome(error, describe_rendezvous)
+    raise AssertionError("unreachable")
+
+
+def _run_once(args: Callable[[], list[str]], env: dict[str, str]) -> tuple[BaseException | None, signal.Signals | None]:
+    """One start of torchrun's agent: what it raised, and the ending signal if one came (SIGINT, ...)."""
     agent, signals = _Agent(args), _Signals()
     with environment({**env, FORWARDED_VARIABLE: "1"}), signals.installed():
         try:
@@ -135,9 +157,7 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
                     signal_workers(signal.SIGKILL, group=True)
         except _StartupStopped as e:
             _abandon_startup(e.signal)
-    if signals.ending:
-        return 128 + int(signals.ending)
-    return _outcome(agent.error, describe_rendezvous)
+    return agent.error, signals.ending
 
 
 def _abandon_startup(sig: signal.Signals) -> None:
@@ -167,27 +187,46 @@ def _outcome(error: BaseException | None, describe_rendezvous) -> int:
     raise DistrnnError(line) from None
 
 
-def failed_workers_exit(error) -> int:
-    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed.
+def cause(error) -> tuple[int, int]:
+    """(rank, exit code) of the failure that ended torchrun's ChildFailedError: the others follow from it.
 
-    A rank that another rank named as unresponsive (exit PeerUnresponsive.exit_code) was named by that rank,
-    and stopped by it: no second line. Otherwise a killed rank is the cause: the others' errors ("lost
-    contact with another rank") follow from it. torchrun's get_first_failure() orders by whole-second
-    timestamps, so when the agent sees both in one poll they tie and it answers the lowest rank; a
-    signal's victim is looked for first instead.
+    A killed rank is the cause: the others' errors ("lost contact with another rank") follow from it.
+    torchrun's get_first_failure() orders by whole-second timestamps, so when the agent sees both in one
+    poll they tie and it answers the lowest rank; a signal's victim is looked for first instead. SIGTERM is
+    how torchrun's agent stops the other workers after a failure (stop requests reach them as other
+    signals, preemption.FORWARDED): a rank it ended is not the cause when another rank failed.
     """
-    if any(failure.exitcode == PeerUnresponsive.exit_code for failure in error.failures.values()):
-        return PeerUnresponsive.exit_code
-    # SIGTERM is how torchrun's agent stops the other workers after a failure (stop requests reach them as
-    # other signals, preemption.FORWARDED): a rank it ended is not the cause when another rank failed.
     failures = {rank: f for rank, f in error.failures.items() if f.exitcode != -signal.SIGTERM} or error.failures
+    unresponsive = [rank for rank, f in failures.items() if f.exitcode == PeerUnresponsive.exit_code]
+    if unresponsive:
+        return unresponsive[0], PeerUnresponsive.exit_code
     killed = sorted(rank for rank, failure in failures.items() if failure.exitcode < 0)
     rank = killed[0] if killed else min(failures, key=lambda r: (failures[r].timestamp, r))
-    return _worker_exit(rank, error.failures[rank].exitcode)
+    return rank, failures[rank].exitcode
 
 
-def _worker_exit(rank: int, code: int) -> int:
-    """A worker that raised printed its own line; one killed by a signal could not, so say it here."""
+def retryable(error) -> bool:
+    """A failure that starting again may not meet: a signal, an unresponsive or a lost peer (not exit 1 or 2)."""
+    _, code = cause(error)
+    return code < 0 or code in (PeerUnresponsive.exit_code, PeerLost.exit_code)
+
+
+def describe_failure(error) -> str:
+    rank, code = cause(error)
+    if code < 0:
+        return f"worker rank {rank} was killed by {signal.Signals(-code).name}"
+    if code == PeerUnresponsive.exit_code:
+        return "a rank stopped responding"
+    return f"worker rank {rank} exited with {code}" + (" (it lost contact with another rank)"
+                                                       if code == PeerLost.exit_code else "")
+
+
+def failed_workers_exit(error) -> int:
+    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed (it could not say it).
+
+    A rank that another rank named as unresponsive was named by that rank, and stopped by it: no second line.
+    """
+    rank, code = cause(error)
     if code < 0:
         print(f"distrnn: worker rank {rank} was killed by {signal.Signals(-code).name}; the other workers "
               "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)

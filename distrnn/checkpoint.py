@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from distrnn import faults, integrity
+from distrnn import elastic, faults, integrity
 from distrnn.config import MATCH, Change, Config, changes_since
 from distrnn.config_values import read_yaml
 from distrnn.distributed import agree, from_main, main_print
@@ -228,9 +229,6 @@ def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
         if cfg.train.epochs < begun:
             raise DistrnnError(f"checkpoint {found.path} is {begun} epoch(s) in; train.epochs={cfg.train.epochs} "
                                f"cannot undo that: ask for {begun} or more, or --resume never")
-    if meta is not None and meta["num_processes"] != num_processes:
-        raise DistrnnError(f"checkpoint {found.path} was saved by {meta['num_processes']} process(es) and this run "
-                           f"has {num_processes}; resume with --num-processes {meta['num_processes']}")
     return changes if meta is not None else []
 
 
@@ -244,31 +242,40 @@ class Checkpointer:
 
     def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int, hold: FolderHold):
         self.accelerator, self.cfg, self.folder, self.hold = accelerator, cfg, folder, hold
+        self.requested = (cfg.train.batch_size, cfg.train.grad_accum_steps)  # as first started: resume_point
         self.say = main_print(accelerator)
         self.bytes = estimated_bytes(parameters, accelerator.num_processes)
         accelerator.register_save_state_pre_hook(untie_weights)
         accelerator.register_load_state_pre_hook(load_weights)
 
-    def resume_point(self) -> tuple[CheckpointFolder | None, dict[str, Any] | None]:
-        """The checkpoint to continue from and its meta.json (None, None for a fresh start), after the
-        run folder passed its checks (this run holds it first); the main process decides and every rank
-        uses its answer."""
+    def resume_point(self) -> tuple[CheckpointFolder | None, dict[str, Any] | None, Config]:
+        """The checkpoint to continue from and its meta.json (None, None for a fresh start), after the run
+        folder passed its checks (this run holds it first), and the config to train with: on another number
+        of processes it keeps the checkpoint's global batch (elastic.py). The main process decides and every
+        rank uses its answer."""
         cfg, acc = self.cfg, self.accelerator
 
         def decide():
             held = self.hold.take()
             found, warnings = find_resume(self.folder, cfg.checkpoint.resume)
-            warnings = held + warnings
             meta = read_meta(found) if found else None
             changes = check_resume(self.folder, cfg, found, meta, acc.num_processes)
-            self.folder.prepare(cfg.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20)
-            for warning in warnings:
+            layout, moved = (elastic.resume_layout(meta, cfg, acc.num_processes, found.path) if meta
+                             else (elastic.of(cfg, acc.num_processes), None))
+            self.requested = elastic.requested(meta, cfg)
+            chosen = elastic.apply(cfg, layout)
+            self.folder.prepare(chosen.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20)
+            for warning in held + warnings:
                 self.say(f"warning: {warning}")
             for change in changes:
-                self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
-            return found, meta
+                if change.key not in ("train.batch_size", "train.grad_accum_steps"):  # said by `moved`
+                    self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
+            if moved:
+                self.say(f"resume: {moved}")
+            return found, meta, chosen, self.requested
 
-        return from_main(acc, agree(acc, decide, here=acc.is_main_process))
+        found, meta, self.cfg, self.requested = from_main(acc, agree(acc, decide, here=acc.is_main_process))
+        return found, meta, self.cfg
 
     def restore(self, found: CheckpointFolder | None, meta: dict[str, Any] | None, optimizer,
                 constant_lr: bool, batches_per_epoch: int) -> Position:
@@ -288,14 +295,20 @@ class Checkpointer:
         if constant_lr:  # load_state restored the saved lr; a changed one applies from here on
             for group in optimizer.param_groups:
                 group["lr"] = self.cfg.optim.lr
-        position = Position(**meta["position"])
+        now = elastic.of(self.cfg, acc.num_processes)
+        position = Position(**elastic.position(meta, now))
+        if now.processes != elastic.saved(meta).processes:  # the saved RNG states cannot be shared out
+            set_seed(elastic.rng_seed(self.cfg.train.seed, position.global_step, acc.process_index))
         self.say(f"resumed from {found.path}: epoch {position.epoch + 1}, batch {position.step_in_epoch} of "
                  f"{batches_per_epoch}, step {position.global_step}")
         return position
 
     def save(self, position: Position, model, wandb_id: str | None) -> Path:
         start = time.perf_counter()
-        path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id},
+        steps_in_epoch = position.step_in_epoch // self.cfg.train.grad_accum_steps
+        layout = elastic.of(self.cfg, self.accelerator.num_processes).record(steps_in_epoch, self.requested)
+        path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id,
+                                                              "layout": layout},
                     keep=self.cfg.checkpoint.keep, needed_bytes=self.bytes + 2**20,
                     tensors=list(self.accelerator.unwrap_model(model).state_dict()))
         self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")

@@ -68,9 +68,12 @@ def main(debug: bool) -> None:
 @click.option("--rendezvous-timeout", type=click.IntRange(min=1), default=processes.RENDEZVOUS_TIMEOUT_S,
               show_default=True, metavar="SECONDS",
               help="How long the machines of a multi-machine run wait for each other at start-up.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start failed workers again (a worker killed, hung or cut off), resuming from the newest checkpoint, "
+                   "up to this many times; errors that would repeat (config, data) end the run.")
 def train_command(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
                   main_process_ip: str | None, main_process_port: int | None, rendezvous_timeout: int,
-                  **params: Any) -> None:
+                  max_restarts: int, **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
     if not debug_enabled():  # before torch is imported: torch's C++ log lines (c10d's retries, with C++
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say
@@ -78,7 +81,10 @@ def train_command(mode: str, num_processes: int | None, num_machines: int, machi
     plan = processes.plan(mode, num_processes)
     plan = processes.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
-    sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout))
+    if max_restarts and plan.in_process:
+        plan = processes.Plan(plan.mode, 1, plan.launch_config, plan.machines, supervised=True)
+    sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout,
+                              max_restarts))
 
 
 @with_options(EVALUATE_OPTIONS)

@@ -39,6 +39,7 @@ MNIST_TEST_SIZE = 10_000
 MATCH = "must match"  # the checkpoint would mean something else: refused
 FREE = "may change"  # applied from the resume on, and printed as a change
 CONSTANT_SCHEDULE = "may change with a constant schedule"  # OneCycle fixes lr and length at the start
+GLOBAL_BATCH = "may change if the global batch is kept"  # resume on another number of processes (resume_layout)
 
 
 def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING,
@@ -101,11 +102,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = key(3, help="Training epochs.", resume=CONSTANT_SCHEDULE)
-    batch_size: int = key(64, help="Batch size per process (per accumulation step).", resume=MATCH)
+    batch_size: int = key(64, help="Batch size per process (per accumulation step). A resume on another number of "
+                          "processes keeps the checkpoint's global batch and chooses this and "
+                          "train.grad_accum_steps itself.", resume=GLOBAL_BATCH)
     grad_accum_steps: int = key(1, help="Batches per optimizer step (Accelerate's accumulate; DDP's gradient all-reduce "
                                 "is skipped in between): global batch = batch_size x processes x this, printed at "
-                                "start and in summary.json "
-                                "(keep it fixed when the number of processes changes).", resume=MATCH)
+                                "start and in summary.json.", resume=GLOBAL_BATCH)
     eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
     eval_train_set: bool = key(True, help="At the end, evaluate the final model on every training image too (the "
                                "seed's 'Accuracy on training data'); a forward pass over 60,000 images: ~4 s on "
@@ -381,7 +383,8 @@ class Change:
     policy: str
 
     def allowed(self, cfg: Config) -> bool:
-        if self.policy == FREE:
+        """GLOBAL_BATCH changes are checked against the checkpoint's global batch (checkpoint.resume_layout)."""
+        if self.policy in (FREE, GLOBAL_BATCH):
             return True
         return self.policy == CONSTANT_SCHEDULE and cfg.optim.schedule == "constant"
 

@@ -31,7 +31,7 @@ from accelerate.utils import (
 
 from distrnn import faults
 from distrnn.devices import check_precision, set_numerics
-from distrnn.errors import DistrnnError, PeerUnresponsive, Quiet, first_line, run_cli
+from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, run_cli
 
 T = TypeVar("T")
 
@@ -181,7 +181,7 @@ def peer_failure(accelerator: Accelerator | None, error: BaseException,
     if any(marker in text for marker in _TIMED_OUT):
         return _unresponsive(accelerator, error, heartbeats, collective_timeout_s)
     if any(marker in text for marker in _PEER_GONE):
-        return DistrnnError(f"rank {rank} lost contact with another rank ({first_line(error)}); stopping")
+        return PeerLost(f"rank {rank} lost contact with another rank ({first_line(error)}); stopping")
     if isinstance(error, dist.DistError):
         last = [line.strip() for line in text.splitlines() if line.strip()]
         detail = next((after for before, after in zip(last, last[1:]) if before == "Last error:"), None)

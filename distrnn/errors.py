@@ -34,6 +34,12 @@ class PeerUnresponsive(DistrnnError):
     exit_code = 3
 
 
+class PeerLost(DistrnnError):
+    """Another rank (or its machine) is gone: the connection to it closed. Restarting may not meet it again."""
+
+    exit_code = 4
+
+
 class Quiet(DistrnnError):
     """This rank stops because another rank failed; that rank prints the reason."""
 

@@ -9,11 +9,14 @@ should have them; unset in every real run:
     cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
     cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
     fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
+    sample-ledger=DIR   each rank appends the training indices of every batch, by epoch and optimizer step, to
+                        DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 
@@ -46,6 +49,13 @@ def fail_startup(stage: str, rank: int) -> None:
 def grad_scaler_init_scale() -> float | None:
     value = _active().get("fp16-init-scale")
     return float(value) if value else None
+
+
+def record_samples(epoch: int, step: int, indices) -> None:
+    folder = _active().get("sample-ledger")
+    if folder:
+        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": epoch, "step": step, "indices": indices.tolist()}) + "\n")
 
 
 def delay_publish() -> None:

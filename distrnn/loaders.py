@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
+from distrnn import faults
 from distrnn.config import Config
 from distrnn.distributed import agree, shard_indices
 from distrnn.mnist import Split, ensure_downloaded, load_split
@@ -46,44 +47,45 @@ def hold_out(size: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 class MemoryLoader:
     """Seeded, sharded batches sliced from tensors on the device.
 
-    Written by hand because no library loader keeps the data on the device; it mirrors what
-    Accelerate's prepared loader guarantees: the shuffle depends only on (seed, epoch), ranks get
-    disjoint slices, and every rank runs the same number of steps (the last round wraps around to
-    the start of the permutation, as even_batches does). With `accumulate` > 1 an epoch is a whole
-    number of optimizer steps of full batches (wrapping around again), so every optimizer step sees
-    exactly batch_size x processes x accumulate samples.
+    Written by hand because no library loader keeps the data on the device; it keeps what Accelerate's
+    prepared loader guarantees (the shuffle depends only on (seed, epoch), ranks get disjoint slices, every
+    rank runs the same number of steps, the end wraps around to the start of the permutation as
+    even_batches does) and one thing no loader does: with the global batch G = batch_size x processes x
+    accumulate held fixed, optimizer step s of an epoch trains on the same G samples whatever the number of
+    processes and the split of G into per-process batch and accumulation. Step s is positions
+    [s*G, (s+1)*G) of the epoch's permutation, extended by wrapping around to whole global batches (fewer
+    than G repeats an epoch); micro-batch i of rank r is the chunk i*processes + r of it. That is what
+    makes a resume on another number of processes exact (checkpoint.resume_layout).
     """
 
     def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world_size: int, accumulate: int = 1):
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
         self.epoch = 0
-        self.per_rank = math.ceil(len(split) / world_size)
+        self.global_batch = batch_size * world_size * accumulate
+        self.steps = math.ceil(len(split) / self.global_batch)  # optimizer steps an epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        """Batches an epoch (accumulation steps included)."""
-        batches = math.ceil(self.per_rank / self.batch_size)
-        return batches if self.accumulate == 1 else math.ceil(batches / self.accumulate) * self.accumulate
+        """Batches an epoch on this rank (accumulation steps included)."""
+        return self.steps * self.accumulate
 
-    def indices(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in training order."""
+    def order(self) -> torch.Tensor:
+        """The epoch's training order over all ranks: a seeded permutation, wrapped to whole global batches."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.split), generator=generator)
-        total = self.per_rank * self.world_size  # repeated, not sliced: with fewer samples than ranks, a slice
-        order = order.repeat(math.ceil(total / len(order)))[:total]  # left a rank without a batch (a hang)
-        return order[self.rank :: self.world_size]
+        total = self.steps * self.global_batch  # repeated, not sliced: there may be fewer samples than G
+        return order.repeat(math.ceil(total / len(order)))[:total]
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
-        mine = self.indices()
-        if self.accumulate > 1:
-            wanted = len(self) * self.batch_size
-            mine = mine.repeat(math.ceil(wanted / len(mine)))[:wanted]
-        mine = mine.to(self.split.labels.device)
-        for i in range(skip * self.batch_size, len(mine), self.batch_size):
-            yield self.split.batch(mine[i : i + self.batch_size])
+        order = self.order().to(self.split.labels.device)
+        for i in range(skip, len(self)):
+            start = (i * self.world_size + self.rank) * self.batch_size
+            index = order[start : start + self.batch_size]
+            faults.record_samples(self.epoch, i // self.accumulate, index)
+            yield self.split.batch(index)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()

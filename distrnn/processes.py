@@ -43,6 +43,7 @@ class Plan:
     num_processes: int  # on this machine
     launch_config: Path
     machines: Machines | None = None
+    supervised: bool = False  # even one worker runs under torchrun's agent (--max-restarts)
 
     @property
     def uses_cpu(self) -> bool:
@@ -51,7 +52,7 @@ class Plan:
     @property
     def in_process(self) -> bool:
         """One process on one machine: no launcher, no second interpreter."""
-        return self.num_processes == 1 and self.machines is None
+        return self.num_processes == 1 and self.machines is None and not self.supervised
 
 
 def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
@@ -104,8 +105,9 @@ def on_machines(p: Plan, count: int, rank: int | None, main_ip: str | None, main
 RENDEZVOUS_TIMEOUT_S = 300
 
 
-def launch(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int = RENDEZVOUS_TIMEOUT_S) -> int:
-    """Run the workers and return their exit code."""
+def launch(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int = RENDEZVOUS_TIMEOUT_S,
+           max_restarts: int = 0) -> int:
+    """Run the workers and return their exit code (restarting failed workers up to `max_restarts` times)."""
     if p.uses_cpu:
         # Without it an Accelerator on a machine with GPUs would take one; the workers inherit it.
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -113,7 +115,7 @@ def launch(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int
         return run_here(module, worker_args)
     env = worker_env(p)
     return run_agent(lambda: torchrun_args(p, module, worker_args, rendezvous_timeout), env,
-                     lambda error: describe_rendezvous(error, p, rendezvous_timeout))
+                     lambda error: describe_rendezvous(error, p, rendezvous_timeout), max_restarts)
 
 
 def run_here(module: str, worker_args: list[str]) -> int:

@@ -54,25 +54,26 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None):
         """`hold`: this run's hold on its folder, taken before anything is written there; its owner releases it."""
         self.cfg, self.accelerator, self.stop_request = cfg, accelerator, stop_request
-        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
         self.folder = RunFolder(cfg.train.output_dir)
         self.say = main_print(accelerator)
-        processes, per_process = accelerator.num_processes, cfg.train.batch_size
-        threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
-        self.global_batch = per_process * processes * cfg.train.grad_accum_steps
-        self.say(f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision "
-                 f"{cfg.train.precision}, global batch {self.global_batch} ({per_process} per process x "
-                 f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder "
-                 f"{self.folder.root}\n--- resolved config ---\n{cfg.to_yaml()}-----------------------")
         # Data first: a missing or damaged data set stops the run before anything is written.
         self.data = loaders.load_run_data(accelerator, cfg)
         model = StackedRNN(cfg.model)
         faults.flatten_like_cudnn(model.rnn)
         faults.run_rnn_as_on_a_gpu()
-        self.say(f"model: {count_parameters(model):,} parameters")
         self.hold = hold or FolderHold(self.folder.hold)
         self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model), self.hold)
-        resume_from, meta = self.checkpointer.resume_point()
+        # The config to train with: a resume on another number of processes keeps the global batch.
+        resume_from, meta, cfg = self.checkpointer.resume_point()
+        self.cfg = cfg
+        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
+        processes, per_process = accelerator.num_processes, cfg.train.batch_size
+        threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
+        self.global_batch = per_process * processes * cfg.train.grad_accum_steps
+        self.say(f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision "
+                 f"{cfg.train.precision}, global batch {self.global_batch} ({per_process} per process x "
+                 f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}, model "
+                 f"{count_parameters(model):,} parameters\n--- resolved config ---\n{cfg.to_yaml()}-----------------------")
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
         self.log = agree(accelerator, lambda: self._start_run_log(meta))

@@ -79,9 +79,7 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(folder):
     assert str(e.value) == (f"checkpoint {found.path} has model.hidden_size=256, train.seed=0 but this run asks for "
                             "model.hidden_size=128, train.seed=3; use the same config, another --output-dir, or "
                             "--resume never")
-    with pytest.raises(DistrnnError, match=r"was saved by 1 process\(es\) and this run has 2; resume with "
-                                           r"--num-processes 1"):
-        checkpoint.check_resume(folder, Config(), found, meta, 2)
+    assert checkpoint.check_resume(folder, Config(), found, meta, 2) == []  # another number of processes: elastic.py
 
 
 def test_onecycle_refusal_says_why(folder):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from distrnn.config import (
     CONSTANT_SCHEDULE,
     FREE,
+    GLOBAL_BATCH,
     MATCH,
     Config,
     all_keys,
@@ -143,7 +144,7 @@ def test_every_key_round_trips_through_override_text_and_yaml():
 def test_every_key_has_help_and_a_resume_policy():
     for name, f in key_fields().items():
         assert f.metadata.get("help"), f"{name} has no help text"
-        assert f.metadata.get("resume") in (MATCH, FREE, CONSTANT_SCHEDULE), f"{name} has no resume policy"
+        assert f.metadata.get("resume") in (MATCH, FREE, CONSTANT_SCHEDULE, GLOBAL_BATCH), f"{name} has no resume policy"
 
 
 def test_every_key_is_in_the_readme_table():
@@ -186,7 +187,7 @@ def test_the_fast_ablation_lines_each_undo_what_fast_yaml_says():
         (["train.epochs=5"], ["train.epochs"], True),
         (["optim.schedule=onecycle", "optim.lr=0.005"], ["optim.lr", "optim.schedule"], False),
         (["model.hidden_size=128"], ["model.hidden_size"], False),
-        (["train.batch_size=32"], ["train.batch_size"], False),
+        (["train.batch_size=32"], ["train.batch_size"], True),  # checked against the global batch (test_elastic)
         (["wandb.project=x", "train.log_every=7", "data.dir=/elsewhere"], ["data.dir", "train.log_every",
                                                                            "wandb.project"], True),
     ],

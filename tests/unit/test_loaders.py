@@ -32,15 +32,41 @@ def epoch_samples(n: int, batch: int, world: int, epoch: int, seed: int = 0) -> 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), batch=st.integers(1, 64), world=st.integers(1, 5), epoch=st.integers(0, 3))
-def test_ranks_cover_every_sample_with_equal_steps_and_minimal_wrap_around(n, batch, world, epoch):
+def test_ranks_cover_every_sample_in_whole_global_batches_with_the_least_wrap_around(n, batch, world, epoch):
     per_rank = epoch_samples(n, batch, world, epoch)
-    steps = [math.ceil(len(samples) / batch) for samples in per_rank]
-    assert len(set(steps)) == 1  # every rank runs the same number of steps (no rank waits in a collective)
-    assert steps[0] == len(MemoryLoader(numbered(n), batch, 0, 0, world))
+    steps = math.ceil(n / (batch * world))
+    assert [len(samples) for samples in per_rank] == [steps * batch] * world  # equal steps, full batches
+    assert steps == len(MemoryLoader(numbered(n), batch, 0, 0, world))
     seen = Counter(i for samples in per_rank for i in samples)
     assert set(seen) == set(range(n))  # every sample, every epoch
-    repeats = sum(seen.values()) - n
-    assert repeats == math.ceil(n / world) * world - n < world  # only the last round wraps around
+    assert sum(seen.values()) - n < batch * world  # only the last global batch wraps around
+
+
+def step_samples(n: int, batch: int, world: int, accumulate: int, epoch: int) -> list[list[int]]:
+    """The samples of each optimizer step, over every rank and accumulation step, sorted."""
+    split, steps = numbered(n), None
+    by_step: dict[int, list[int]] = {}
+    for rank in range(world):
+        loader = MemoryLoader(split, batch, 0, rank, world, accumulate)
+        loader.set_epoch(epoch)
+        steps = loader.steps
+        for i, (_, labels) in enumerate(loader):
+            by_step.setdefault(i // accumulate, []).extend(labels.tolist())
+    return [sorted(by_step[s]) for s in range(steps)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), global_batch=st.sampled_from([8, 12, 16, 24, 48]), epoch=st.integers(0, 2),
+       layouts=st.data())
+def test_each_optimizer_step_trains_on_the_same_samples_whatever_the_layout_of_the_global_batch(n, global_batch,
+                                                                                              epoch, layouts):
+    """What makes a resume on another number of processes exact: step s covers the same samples for the
+    same global batch, however it is split into processes x per-process batch x accumulation."""
+    splits = [(w, b, global_batch // (w * b)) for w in range(1, 5) for b in range(1, global_batch + 1)
+              if global_batch % (w * b) == 0]
+    first, second = layouts.draw(st.sampled_from(splits)), layouts.draw(st.sampled_from(splits))
+    assert step_samples(n, first[1], first[0], first[2], epoch) == step_samples(n, second[1], second[0], second[2],
+                                                                               epoch)
 
 
 def test_shuffle_depends_on_seed_and_epoch_only():
