@@ -76,7 +76,8 @@ def train_command(mode: str, num_processes: int | None, num_machines: int, machi
                   max_restarts: int, **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
     if not debug_enabled():  # before torch is imported: torch's C++ log lines (c10d's retries, with C++
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say,
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # and the profiler's own lines (6: none, measured)
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
     plan = processes.plan(mode, num_processes)
     plan = processes.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)

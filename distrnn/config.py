@@ -124,6 +124,9 @@ class TrainConfig:
                                  resume=FREE)
     early_stop_patience: int | None = key(None, help="Stop after N evaluations without a better validation accuracy "
                                           "(needs data.val_samples); null: never.", resume=FREE)
+    profile_steps: str | None = key(None, help="Record optimizer steps A-B (e.g. 10-15) with torch.profiler on every "
+                                    "rank into RUN/profile/rank-R.json (Chrome/Perfetto traces); null: no profile.",
+                                    resume=FREE)
     output_dir: str = key("runs/default", help="The run folder: config, metrics, checkpoints, the model, W&B and "
                           "TensorBoard files.", resume=FREE)
     collective_timeout_s: int = key(300, help="A collective waiting longer (a rank died or hangs) ends the run.",
@@ -354,6 +357,10 @@ def validate(cfg: Config) -> None:
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
     _check(t.eval_every is None or t.eval_every > 0, f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
+    profile = t.profile_steps
+    _check(profile is None or (profile.count("-") == 1 and all(p.isdigit() for p in profile.split("-"))
+                               and 1 <= int(profile.split("-")[0]) <= int(profile.split("-")[1])),
+           f"config key 'train.profile_steps' must be A-B with 1 <= A <= B (e.g. 10-15) or null, got {profile!r}")
     every = cfg.checkpoint.every_steps
     _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")

@@ -99,3 +99,11 @@ def summary(train: Evaluation | None, test: Evaluation) -> dict[str, Any]:
     return {**dict(zip(("train_accuracy", "train_correct", "train_seen"), counts)),
             "test_accuracy": test.percent, "test_correct": test.correct, "test_seen": test.seen,
             "test_per_class": test.per_class(), "test_confusion": [list(row) for row in test.confusion]}
+
+
+def validation_summary(history: list[dict[str, Any]], ended_early: bool, best_folder: Any | None) -> dict[str, Any]:
+    """summary.json's validation part: the best accuracy and its step, whether early stopping ended the run, and
+    the best model's folder (checkpoint.keep_best)."""
+    best = best_validation(history)
+    return {"best_val_accuracy": best[0] if best else None, "best_val_step": best[1] if best else None,
+            "early_stopped": ended_early, "best_model": str(best_folder) if best and best_folder else None}

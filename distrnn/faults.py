@@ -9,6 +9,7 @@ should have them; unset in every real run:
     cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
     cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
     fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
+    slow-rank=R:MS      rank R spends MS milliseconds more in every step's compute (a slow node)
     sample-ledger=DIR   each rank appends the training indices of every batch, by epoch and optimizer step, to
                         DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
 """
@@ -49,6 +50,12 @@ def fail_startup(stage: str, rank: int) -> None:
 def grad_scaler_init_scale() -> float | None:
     value = _active().get("fp16-init-scale")
     return float(value) if value else None
+
+
+def slow_down(rank: int) -> None:
+    value = _active().get("slow-rank")
+    if value and int(value.split(":")[0]) == rank:
+        time.sleep(float(value.split(":")[1]) / 1000)
 
 
 def record_samples(epoch: int, step: int, indices) -> None:

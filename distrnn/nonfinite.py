@@ -55,6 +55,12 @@ class NonFiniteGuard:
         self.first_bad_grad_step = torch.where(bad & (self.first_bad_grad_step < 0), step, self.first_bad_grad_step)
         self.skip.copy_(torch.maximum(self.skip, bad.float()))
 
+    def clip_and_check(self, accelerator: Accelerator, model: nn.Module, grad_clip: float | None, step: int) -> None:
+        """Clip the gradients (optim.grad_clip) and mark the update to be skipped if their norm is not finite."""
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip is not None else None
+        if not self.scaler_owns_skips:
+            self.grads_computed(total_norm(model.parameters()) if norm is None else norm, step)
+
     def flags(self) -> tuple[torch.Tensor, torch.Tensor]:
         """On the device: did this rank see a non-finite loss, a non-finite gradient."""
         return self.first_bad_loss_step >= 0, self.first_bad_grad_step >= 0

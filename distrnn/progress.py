@@ -7,14 +7,17 @@ time-to-accuracy curves measure training alone.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
+from tqdm import tqdm
 
-from distrnn.distributed import dist_sum
+from distrnn.distributed import dist_mean, dist_sum
+from distrnn.rank_timing import RankTiming
 
 
 class Clock:
@@ -50,11 +53,13 @@ class Progress:
     """The run's training time (carried over a resume), this epoch's time and batches, and the running
     accuracy of the batches as they were trained (no extra pass; counted on the device).
 
-    Collectives: `epoch_accuracy` (one all-reduce); nothing else here talks to other ranks.
+    Collectives: `epoch_accuracy` (one all-reduce), `interval` (one all-reduce and one gather), and the
+    timing's `per_rank` (a gather); nothing else here talks to other ranks.
     """
 
     def __init__(self, accelerator: Accelerator, samples_per_batch: int, train_seconds: float):
         self.accelerator = accelerator
+        self.timing = RankTiming(accelerator)  # where each rank's time goes
         self.samples_per_batch = samples_per_batch  # all ranks, one accumulation step
         self.run_clock, self.epoch_clock = Clock(train_seconds), Clock()
         self.first_batch = 0  # of the epoch in progress: where this start picked it up
@@ -68,6 +73,18 @@ class Progress:
         self.seen = 0
         self.run_clock.start()
         self.epoch_clock.start()
+
+    def bar(self, batches, epoch: int, epochs: int, skip: int, total: int) -> tqdm:
+        """A live bar in a terminal; in a log file (SLURM, CI) a plain line every log_every steps instead."""
+        self.timing.restart()
+        return tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", initial=skip, total=total, dynamic_ncols=True,
+                    leave=False, disable=not (self.accelerator.is_main_process and sys.stderr.isatty()))
+
+    def interval(self, loss: torch.Tensor, batch_in_epoch: int, say) -> dict[str, float]:
+        """Collective. The logging interval's metrics: mean loss over the ranks, samples/s, training time, and
+        where each rank's time went (rank_timing)."""
+        return {"train/loss": dist_mean(self.accelerator, loss), "train/samples_per_s": self.throughput(batch_in_epoch),
+                "train/seconds": self.run_clock.now(), **self.timing.report(say)}
 
     def stop_epoch(self) -> None:
         self.run_clock.stop()

@@ -12,6 +12,7 @@
     RUN/.hold                which run owns the folder (folder_hold.py)
     RUN/best/                the best model by validation accuracy (checkpoint.keep_best)
     RUN/debug/               what a non-finite loss left behind
+    RUN/profile/rank-R.json  train.profile_steps: each rank's trace
     RUN/wandb/               W&B's own folder (offline runs)
     RUN/tensorboard/         TensorBoard's event files (`tensorboard --logdir RUN/tensorboard`)
 
@@ -111,6 +112,11 @@ class RunFolder:
     def best(self) -> Path:
         """checkpoint.keep_best: the model with the best validation accuracy (a folder load_model reads)."""
         return self.root / "best"
+
+    @property
+    def profile(self) -> Path:
+        """train.profile_steps: one Chrome trace per rank (profiling.py)."""
+        return self.root / "profile"
 
     @property
     def debug(self) -> Path:

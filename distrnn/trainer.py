@@ -23,19 +23,14 @@ from tqdm import tqdm
 from distrnn import faults, loaders
 from distrnn.checkpoint import Checkpointer
 from distrnn.config import Config
-from distrnn.distributed import agree, dist_mean, dist_sum, main_print
-from distrnn.evaluator import (
-    Evaluator,
-    best_validation,
-    metrics,
-    patience_exhausted,
-    summary,
-)
+from distrnn.distributed import agree, dist_sum, main_print
+from distrnn.evaluator import Evaluator, best_validation, metrics, patience_exhausted, summary, validation_summary
 from distrnn.folder_hold import FolderHold
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.model_files import save_model
-from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite, total_norm
+from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite
 from distrnn.preemption import StoppedOnRequest, StopRequest
+from distrnn.profiling import StepProfile
 from distrnn.progress import Progress
 from distrnn.run_folder import RunFolder
 from distrnn.tools import figures
@@ -76,8 +71,7 @@ class Trainer:
                  f"{count_parameters(model):,} parameters\n--- resolved config ---\n{cfg.to_yaml()}-----------------------")
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
-        self.log = agree(accelerator, lambda: self._start_run_log(meta))
-        agree(accelerator, lambda: self._to_device(model))
+        self.log = agree(accelerator, lambda: self._start_locally(meta, model))
         # Fused: one kernel for the whole update, and it can skip a step on the device (see nonfinite.py).
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -90,21 +84,26 @@ class Trainer:
                                                   len(self.loader))
         self.scaler_skips = ScalerSkips(accelerator.scaler)  # after restore: it starts from the restored scale
         self.progress = Progress(accelerator, per_process * processes, self.position.train_seconds)
+        self.progress.timing.attach(self.model)  # times DDP's gradient all-reduce
+        self.profile = StepProfile(cfg.train.profile_steps, self.folder.profile, accelerator.process_index,
+                                   accelerator.device)
+        self.profile.at(self.position.global_step)
         self.evaluator = Evaluator(accelerator, self.model, cfg.train.eval_batch_size, self.data.val, self.data.test,
                                    self.progress)
         self.early_stopped = patience_exhausted(self.position.history, cfg.train.early_stop_patience)  # stays so
         self.bar: tqdm | None = None  # the epoch's progress bar (a terminal only)
         self.loss = torch.zeros((), device=accelerator.device)  # this rank's last training loss
 
-    def _start_run_log(self, meta) -> RunLog:
-        faults.fail_startup("trackers", self.accelerator.process_index)
-        return RunLog(self.accelerator, self.folder, self.cfg.wandb, self.cfg.to_dict(), resumed=meta is not None,
-                      resumed_id=meta.get("wandb_run_id") if meta else None, tensorboard=self.cfg.tensorboard.enabled)
-
-    def _to_device(self, model: StackedRNN) -> None:
-        """The part of accelerator.prepare that can fail on one rank (out of memory): before DDP's collective."""
-        faults.fail_startup("prepare", self.accelerator.process_index)
+    def _start_locally(self, meta, model: StackedRNN) -> RunLog:
+        """The trackers, and the part of accelerator.prepare that one rank can fail (out of memory) before DDP's
+        collective."""
+        rank = self.accelerator.process_index
+        faults.fail_startup("trackers", rank)
+        log = RunLog(self.accelerator, self.folder, self.cfg.wandb, self.cfg.to_dict(), resumed=meta is not None,
+                     resumed_id=meta.get("wandb_run_id") if meta else None, tensorboard=self.cfg.tensorboard.enabled)
+        faults.fail_startup("prepare", rank)
         model.to(self.accelerator.device)
+        return log
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -125,42 +124,36 @@ class Trainer:
         return self.finish()
 
     def epoch_batches(self):
-        """This rank's batches of the epoch in progress, from the next unseen one: a live bar in a terminal;
-        in a log file (SLURM, CI) a plain line every log_every steps instead (log_progress)."""
+        """This rank's batches of the epoch in progress, from the next unseen one (with its progress bar)."""
         epoch, skip = self.position.epoch, self.position.step_in_epoch
-        self.bar = tqdm(loaders.epoch_batches(self.accelerator, self.loader, epoch, skip),
-                        desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", initial=skip, total=len(self.loader),
-                        dynamic_ncols=True, leave=False,
-                        disable=not (self.accelerator.is_main_process and sys.stderr.isatty()))
+        self.bar = self.progress.bar(loaders.epoch_batches(self.accelerator, self.loader, epoch, skip), epoch,
+                                     self.cfg.train.epochs, skip, len(self.loader))
         return self.bar
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Forward, backward, and (every grad_accum_steps batches) an update: nothing here waits for the
         device (no host sync). Between updates accumulate() skips DDP's gradient all-reduce (no_sync)
         and makes the optimizer's step and zero_grad no-ops."""
-        p, acc = self.position, self.accelerator
+        p, acc, timing = self.position, self.accelerator, self.progress.timing
+        timing.mark("data")  # since the last step: waiting for this batch
         with acc.accumulate(self.model):
             logits = self.model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
             self.progress.count(logits, labels)
+            faults.slow_down(acc.process_index)
             acc.backward(self.guard.loss_for_backward(loss, p.global_step, p.step_in_epoch, (images, labels)))
-            if acc.sync_gradients:
-                self.clip_and_guard_gradients()
+            timing.mark("compute")  # forward and backward (the gradient all-reduce is moved out by its hook)
+            if acc.sync_gradients:  # clip; the guard sees the (all-reduced) gradients before they are applied
+                self.guard.clip_and_check(acc, self.model, self.cfg.optim.grad_clip, p.global_step)
             self.optimizer.step()
             if acc.sync_gradients:
                 self.step_scheduler()
             self.optimizer.zero_grad(set_to_none=True)
+            timing.mark("optimizer")
         p.step_in_epoch += 1
         p.global_step += int(acc.sync_gradients)
+        timing.steps += int(acc.sync_gradients)
         self.loss = loss.detach()
-
-    def clip_and_guard_gradients(self) -> None:
-        """Clip, and let the guard see the (all-reduced) gradients' norm before they are applied."""
-        norm = (self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-                if self.cfg.optim.grad_clip is not None else None)
-        if not self.guard.scaler_owns_skips:
-            norm = total_norm(self.model.parameters()) if norm is None else norm
-            self.guard.grads_computed(norm, self.position.global_step)
 
     def step_scheduler(self) -> None:
         """The schedule advances only with the weights: not on an update the fp16 grad scaler skipped (an
@@ -173,6 +166,7 @@ class Trainer:
     def after_step(self) -> None:
         if not self.accelerator.sync_gradients:
             return  # an accumulation step: nothing is logged, checked or saved between updates
+        self.profile.at(self.position.global_step)
         step, mid_epoch = self.position.global_step, self.position.step_in_epoch < len(self.loader)
         log = step % self.cfg.train.log_every == 0
         save = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0 and mid_epoch
@@ -185,6 +179,7 @@ class Trainer:
             self.save_checkpoint()
         if evaluate:
             self.evaluate(self.position.epoch + self.position.step_in_epoch / len(self.loader))
+        self.progress.timing.restart()  # checks, logs, saves and evaluations are not waiting for data
 
     def stop_if_requested_or_nonfinite(self) -> None:
         """Collective: one host read and one tiny all-reduce, so that every rank stops at the same step on
@@ -222,16 +217,13 @@ class Trainer:
     # --- what a step may trigger --------------------------------------------------------------
 
     def log_progress(self) -> None:
-        mean_loss, throughput = dist_mean(self.accelerator, self.loss), self.progress.throughput(
-            self.position.step_in_epoch)
-        epoch = self.position.epoch + 1
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.0f}")
+        epoch, step = self.position.epoch + 1, self.position.global_step
+        logged = self.progress.interval(self.loss, self.position.step_in_epoch, self.say)  # collective
+        loss, throughput = logged["train/loss"], logged["train/samples_per_s"]
+        self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{throughput:.0f}")
         if not sys.stderr.isatty():
-            self.say(f"epoch {epoch}/{self.cfg.train.epochs} step {self.position.global_step}: loss {mean_loss:.4f}, "
-                     f"{throughput:.0f} samples/s")
-        self.log.log({"train/loss": mean_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
-                      "train/samples_per_s": throughput, "train/seconds": self.progress.run_clock.now(),
-                      "epoch": epoch}, self.position.global_step)
+            self.say(f"epoch {epoch}/{self.cfg.train.epochs} step {step}: loss {loss:.4f}, {throughput:.0f} samples/s")
+        self.log.log({**logged, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
 
     def evaluate(self, epoch_progress: float, last: bool = False):
         """An exact evaluation during training, recorded against the training time so far (evaluation
@@ -282,7 +274,9 @@ class Trainer:
         return results
 
     def summary(self, train_acc, test) -> dict[str, Any]:
-        seconds, best = self.progress.train_seconds, best_validation(self.position.history)
+        """summary.json (collective: every rank's figures are gathered for "ranks")."""
+        seconds, best = self.progress.train_seconds, self.folder.best if self.cfg.checkpoint.keep_best else None
+        ended_early = self.early_stopped and self.position.epoch < self.cfg.train.epochs
         return {
             **summary(train_acc, test), "train_seconds": seconds, "eval_seconds": self.evaluator.seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
@@ -292,9 +286,8 @@ class Trainer:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda" else None,
             "grad_scaler_skipped_steps": self.position.skipped_updates if self.guard.scaler_owns_skips else None,
             "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
-            "best_val_accuracy": best[0] if best else None, "best_val_step": best[1] if best else None,
-            "early_stopped": self.early_stopped and self.position.epoch < self.cfg.train.epochs,
-            "best_model": str(self.folder.best) if best and self.cfg.checkpoint.keep_best else None,
+            **validation_summary(self.position.history, ended_early, best),
+            "ranks": self.progress.timing.per_rank(self.global_batch // self.accelerator.num_processes),
         }
 
     def close(self) -> None:

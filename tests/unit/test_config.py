@@ -245,3 +245,13 @@ def test_override_parser_accepts_or_rejects_cleanly(pairs):
         build_config(overrides=[f"{k}={v}" for k, v in pairs])
     except ConfigError as e:
         assert str(e) and "\n" not in str(e)
+
+
+@pytest.mark.parametrize("value, ok", [("10-15", True), ("5-5", True), ("0-3", False), ("8-5", False), ("7", False),
+                                       ("a-b", False), ("null", True)])
+def test_profile_steps_are_a_range_of_optimizer_steps(value, ok):
+    if ok:
+        build_config(overrides=[f"train.profile_steps={value}"])
+    else:
+        with pytest.raises(ConfigError, match=r"config key 'train.profile_steps' must be A-B with 1 <= A <= B"):
+            build_config(overrides=[f"train.profile_steps={value}"])
