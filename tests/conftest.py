@@ -31,11 +31,14 @@ def require(condition: bool, message: str) -> None:
 
 
 def slurm_environment(data_dir: Path, **extra: str) -> dict[str, str]:
-    """The environment the SLURM tests submit with, once a cluster answers (tests/slurm/cluster.sh up)."""
-    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
+    """The environment the SLURM tests submit with, once a cluster answers (tests/slurm/cluster.sh up).
+    Its PATH starts with the cluster's wrappers of sbatch, srun, scontrol, ... (the controller is reachable only
+    from the cluster's network namespaces; they run the real commands there); the jobs inherit that PATH."""
+    path = os.pathsep.join([str(SLURM_CONF.parent / "bin"), os.environ.get("PATH", os.defpath)])
+    env = {**os.environ, "PATH": path, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
            "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent), "WANDB_MODE": "offline", **extra}
     env.pop("DISTRNN_DEBUG", None)
-    ok = shutil.which("sbatch") and SLURM_CONF.is_file() and subprocess.run(
+    ok = shutil.which("sbatch", path=path) and SLURM_CONF.is_file() and subprocess.run(
         ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
     require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
     (REPO / "logs").mkdir(exist_ok=True)
