@@ -8,13 +8,32 @@ from what its source renders now.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from distrnn.config import markdown_table
+from distrnn.config import key_fields
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CONFIG_START = "<!-- config: generated from distrnn/config.py by `make docs`; do not edit by hand -->"
 CONFIG_END = "<!-- /config -->"
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    if f.metadata["shown_default"]:
+        return f.metadata["shown_default"]
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)  # a string as written in YAML or --set; a list as [a, b]
+
+
+def markdown_table() -> str:
+    """The README's config table: every key, its default and its help text, as declared in distrnn/config.py."""
+    rows = ["| key | default | on resume | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in key_fields().items():
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{name}` | `{shown_default(f)}` | {f.metadata['resume']} | {help_text} |")
+    return "\n".join(rows)
 
 
 def replace_block(text: str, start: str, end: str, block: str) -> str:

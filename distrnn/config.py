@@ -198,24 +198,6 @@ def all_keys() -> list[str]:
     return list(key_fields())
 
 
-def _shown(f: dataclasses.Field) -> str:
-    if f.metadata["shown_default"]:
-        return f.metadata["shown_default"]
-    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    return str(value)  # a string as written in YAML or --set; a list as [a, b]
-
-
-def markdown_table() -> str:
-    """The README's config table: every key, its default and its help text, as declared above."""
-    rows = ["| key | default | on resume | meaning |", "| --- | --- | --- | --- |"]
-    for name, f in key_fields().items():
-        help_text = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{name}` | `{_shown(f)}` | {f.metadata['resume']} | {help_text} |")
-    return "\n".join(rows)
-
-
 # --- shipped configs ----------------------------------------------------------------------------
 
 def shipped_configs() -> dict[str, Path]:

@@ -67,8 +67,8 @@ class Trainer:
         self.global_batch = per_process * processes * cfg.train.grad_accum_steps
         self.say(f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision "
                  f"{cfg.train.precision}, global batch {self.global_batch} ({per_process} per process x "
-                 f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}, model "
-                 f"{count_parameters(model):,} parameters\n--- resolved config ---\n{cfg.to_yaml()}-----------------------")
+                 f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}\n--- "
+                 f"resolved config ---\n{cfg.to_yaml()}-----------------------\nmodel: {count_parameters(model):,} parameters")
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
         self.log = agree(accelerator, lambda: self._start_locally(meta, model))

@@ -141,6 +141,7 @@ def test_a_failed_collective_is_classified_by_what_it_says(error, expected):
         assert str(found) == expected and "lost contact" not in str(found)
 
 
+@pytest.mark.slow  # a check of the tests' own harness: make test, not make check
 def test_the_tests_collectives_refuse_a_bool_tensor():
     """tests/collective_check, which every test's processes load, fails a collective given a bool."""
     result = on_ranks(2, "bool-collective")
@@ -148,6 +149,7 @@ def test_the_tests_collectives_refuse_a_bool_tensor():
     assert "torch.distributed.all_reduce got a bool tensor (tests/collective_check)" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_tests_collectives_refuse_ranks_that_call_different_ones():
     result = on_ranks(2, "mismatched-collectives")
     assert result.returncode != 0
