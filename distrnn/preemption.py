@@ -24,9 +24,11 @@ FORWARDED_VARIABLE = "DISTRNN_STOPS_FORWARDED"  # "1": set by the launcher for t
 
 
 class StoppedOnRequest(DistrnnError):
-    """Every rank saved the same checkpoint after a stop request and ends with REQUEUE_EXIT_CODE."""
+    """Every rank saved the same checkpoint after a stop request and ends with REQUEUE_EXIT_CODE: said once,
+    by rank 0 (a 2-node job's log had it from each node)."""
 
     exit_code = REQUEUE_EXIT_CODE
+    shared = True
 
 
 class StopRequest:

@@ -33,12 +33,13 @@ import click
 
 from distrnn.errors import DistrnnError, first_line
 from distrnn.run_folder import RunFolder
+from distrnn.tools.time_split import draw_time_split
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FIGURE_INCHES, DPI = (12.0, 9.0), 100
+FIGURE_INCHES, DPI = (12.0, 12.0), 100
 PIXELS = (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI))  # (width, height) of the PNG
 TIME_METRIC = "train/seconds"
 # What the table needs from summary.json; a summary without one of them is refused by name.
@@ -234,7 +235,8 @@ def markdown_table(runs: list[Run]) -> str:
 # --- the figure ---------------------------------------------------------------------------------------
 
 def draw(runs: list[Run]) -> Figure:
-    """Four panels, one colour per run (C0, C1, ... cycling after ten runs), one legend for all."""
+    """Four panels of curves, one colour per run (C0, C1, ... cycling after ten runs), one legend for all, and
+    below them where each run's training time went (a stacked bar per run)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -242,7 +244,9 @@ def draw(runs: list[Run]) -> Figure:
     # No pyplot: no global figure state, no GUI backend, the same PNG on any machine.
     fig = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    (loss_step, loss_time), (acc_step, acc_time) = fig.subplots(2, 2)
+    panels = fig.subplot_mosaic([["loss_step", "loss_time"], ["acc_step", "acc_time"], ["time", "time"]])
+    loss_step, loss_time, acc_step, acc_time = (panels[k] for k in ("loss_step", "loss_time", "acc_step", "acc_time"))
+    draw_time_split(panels["time"], runs)
     for i, run in enumerate(runs):
         style = {"color": f"C{i % 10}", "label": run.label}
         _plot(loss_step, [p.step for p in run.loss], [p.loss for p in run.loss], style)

@@ -67,5 +67,5 @@ def test_loss_against_time_only_where_training_logged_it(two_runs, tmp_path):
     untimed = [r.label for r in runs if not r.timed_loss]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == len(untimed) and all(label in w for label, w in zip(untimed, warnings)), result.stderr
-    loss_step, loss_time, _, _ = report.draw(runs).axes
+    loss_step, loss_time, _, _ = report.draw(runs).axes[:4]
     assert (len(loss_step.get_lines()), len(loss_time.get_lines())) == (2, 2 - len(untimed))

@@ -12,7 +12,7 @@ import yaml
 from torchvision import datasets, transforms
 
 from distrnn.model_files import load_model
-from tests.helpers import BIN, counts, distrnn
+from tests.helpers import BIN, counts, distrnn, run
 
 pytestmark = pytest.mark.slow
 
@@ -192,3 +192,15 @@ def test_label_smoothing_reaches_the_loss_and_the_training_set_evaluation_can_be
                      str(tmp_path / "report.png"), "--markdown", str(tmp_path / "report.md"))
     assert report.returncode == 0, report.stderr[-2000:]
     assert "not evaluated" in (tmp_path / "report.md").read_text()
+
+
+def test_accelerate_launch_with_the_shipped_multi_process_config_trains_and_counts_exactly(tmp_path, data_dir):
+    """distrnn's own launcher is torchrun's; `accelerate launch` with launch/*.yaml keeps working beside it."""
+    out = tmp_path / "run"
+    result = run([str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_multi.yaml", "--num_processes",
+                  "2", "-m", "distrnn.train", "--config", "smoke", "--set", "data.train_samples=640", "--no-wandb",
+                  "--data-dir", str(data_dir), "--output-dir", str(out)],
+                 env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and (summary["train_seen"], summary["test_seen"]) == (640, 10_000)

@@ -66,7 +66,7 @@ def test_writes_a_png_of_the_declared_size(two_runs, tmp_path):
     assert result.returncode == 0, result.stderr
     with Image.open(png) as image:
         assert image.format == "PNG"
-        assert image.size == report.PIXELS == (1200, 900)
+        assert image.size == report.PIXELS == (1200, 1200)
         image.verify()  # the whole file decodes, not only its header
 
 
@@ -87,7 +87,7 @@ def test_the_legend_names_each_run_by_its_folder(two_runs):
     figure = report.draw(report.load_runs(tuple(map(str, two_runs))))
     (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == ["lr-0.001", "lr-0.002"]
-    colours = [tuple(line.get_color() for line in ax.get_lines()) for ax in figure.axes]
+    colours = [tuple(line.get_color() for line in ax.get_lines()) for ax in figure.axes[:4]]
     assert all(c == colours[0] and len(set(c)) == 2 for c in colours), colours  # one colour per run, in every panel
     assert tuple(handle.get_color() for handle in legend.legend_handles) == colours[0]
 
@@ -103,7 +103,7 @@ def test_runs_with_the_same_folder_name_get_enough_of_their_path(tmp_path):
 
 def test_the_panels_plot_the_logged_values(two_runs):
     runs = report.load_runs(tuple(map(str, two_runs)))
-    loss_step, loss_time, acc_step, acc_time = report.draw(runs).axes
+    loss_step, loss_time, acc_step, acc_time = report.draw(runs).axes[:4]
     assert list(loss_step.get_lines()[0].get_xdata()) == [10, 20, 30, 40, 50, 60]
     assert list(loss_time.get_lines()[0].get_xdata()) == pytest.approx([1, 2, 3, 4, 5, 6])  # train/seconds
     assert list(acc_step.get_lines()[1].get_ydata()) == [93.0, 92.34]
@@ -117,7 +117,7 @@ def test_a_run_without_train_seconds_is_plotted_against_step_only(two_runs, tmp_
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "old" in warnings[0] and "train/seconds" in warnings[0], result.stderr
     runs = report.load_runs(tuple(map(str, [old, *two_runs])))
-    loss_step, loss_time, _, _ = report.draw(runs).axes
+    loss_step, loss_time, _, _ = report.draw(runs).axes[:4]
     colours = [line.get_color() for line in loss_step.get_lines()]
     assert len(colours) == 3 and [line.get_color() for line in loss_time.get_lines()] == colours[1:]  # no time axis
     # invented for the first run, and the others keep their own colours
@@ -217,13 +217,13 @@ def test_a_null_best_validation_accuracy_is_a_run_without_a_holdout(two_runs, tm
 
 def test_the_accuracy_panels_show_validation_accuracy_of_runs_with_a_holdout(three_trials, two_runs):
     runs = report.ranked(report.load_runs(tuple(map(str, three_trials))))
-    _, _, acc_step, acc_time = report.draw(runs).axes
+    _, _, acc_step, acc_time = report.draw(runs).axes[:4]
     assert acc_step.get_title() == "validation accuracy against step"
     assert acc_time.get_ylabel() == "validation accuracy (%)"
     assert list(acc_step.get_lines()[0].get_ydata()) == [95.25, 94.0]  # trial 1, first in the ranking
     assert list(acc_time.get_lines()[0].get_xdata()) == [2.9, 6.25]
     mixed = report.load_runs(tuple(map(str, [*three_trials, two_runs[0]])))
-    _, _, acc_step, _ = report.draw(mixed).axes
+    _, _, acc_step, _ = report.draw(mixed).axes[:4]
     assert acc_step.get_title() == "validation or test accuracy against step"
     assert [t.get_text() for t in acc_step.texts] == ["test accuracy (no validation holdout): lr-0.001"]
     assert list(acc_step.get_lines()[3].get_ydata()) == [85.5, 90.12]  # its test accuracy during training
@@ -235,3 +235,20 @@ def test_a_damaged_best_validation_accuracy_is_one_line(three_trials, tmp_path):
     line = one_line_error(distrnn_report(*three_trials, "--output", tmp_path / "r.png"))
     assert str(summary) in line and "best_val_step" in line
     assert not (tmp_path / "r.png").exists()
+
+
+def test_the_bottom_panel_shows_where_each_runs_time_went(tmp_path):
+    """One stacked bar per run from summary.json's per-rank split (the mean over its ranks), phases in order;
+    a run written before distrnn kept the split is named in the panel."""
+    timed = make_run(tmp_path / "timed", steps=60, lr=0.001, history=[(60, 90.0, 6.0)])
+    summary = json.loads((timed / "summary.json").read_text())
+    summary["ranks"] = [{"rank": r, "data_ms_per_step": 1.0, "compute_ms_per_step": 40.0 + 20 * r,
+                         "allreduce_ms_per_step": 10.0, "optimizer_ms_per_step": 2.0} for r in (0, 1)]
+    (timed / "summary.json").write_text(json.dumps(summary))
+    old = make_run(tmp_path / "old", steps=60, lr=0.001, history=[(60, 90.0, 6.0)])
+    runs = report.load_runs((str(timed), str(old)))
+    panel = report.draw(runs).axes[4]
+    widths = [patch.get_width() for patch in panel.patches]
+    assert widths == [1.0, 50.0, 10.0, 2.0]  # data, compute (mean of 40 and 60), all-reduce, optimizer
+    assert [t.get_text() for t in panel.get_yticklabels()] == ["timed"]
+    assert any("no time split recorded" in t.get_text() and "old" in t.get_text() for t in panel.texts)
