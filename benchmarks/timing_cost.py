@@ -1,10 +1,11 @@
 """What measuring where the time goes costs: the default config's training steps in one CPU process, with
 distrnn's per-step time split (rank_timing.RankTiming) as it runs, and with its marks and reports swapped for
-no-ops (nothing in distrnn can turn them off), side by side in interleaved rounds. Reports the ratio of
-samples/s.
+no-ops (nothing in distrnn can turn them off), side by side in rounds that alternate which goes first; the
+ratio of each round's pair (this VM's speed drifts by tens of percent within minutes, so only pairs compare),
+and, since that ratio is noisy, the cost of the timing calls themselves per step, timed alone.
 
-    python -m benchmarks.timing_cost               # 6 rounds of 150 steps each way, medians
-    python -m benchmarks.timing_cost --rounds 2 --steps 50
+    python -m benchmarks.timing_cost               # 20 rounds of 60 steps each way
+    python -m benchmarks.timing_cost --rounds 2 --steps 30
 
 Needs DISTRNN_DATA_DIR (real MNIST). W&B off. Prints a Markdown table and RESULT {json}.
 """
@@ -25,13 +26,31 @@ from benchmarks.bench import machine
 
 
 def timed_steps(trainer, steps: int) -> float:
-    """Seconds for `steps` optimizer steps (train_step + after_step, logging every log_every as in a run)."""
+    """Seconds for `steps` optimizer steps (train_step + after_step, logging every log_every as in a run), from
+    the start of the epoch again each time (an epoch has 938 steps)."""
+    trainer.position.step_in_epoch = 0
     batches = iter(trainer.epoch_batches())
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(*next(batches))
         trainer.after_step()
     return time.perf_counter() - start
+
+
+def per_step_calls(timing, log_every: int, repeats: int = 20_000) -> float:
+    """Seconds of the timing calls one optimizer step makes: 3 marks and a restart, and 1/log_every of a report."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        timing.mark("data")
+        timing.mark("compute")
+        timing.mark("optimizer")
+        timing.steps += 1
+        timing.restart()
+    marks = (time.perf_counter() - start) / repeats
+    start = time.perf_counter()
+    for _ in range(200):
+        timing.report(lambda *a: None)
+    return marks + (time.perf_counter() - start) / 200 / log_every
 
 
 def main() -> None:
@@ -44,8 +63,8 @@ def main() -> None:
     from distrnn.trainer import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     seconds: dict[str, list[float]] = {"measured (as distrnn runs)": [], "not measured": []}
@@ -56,14 +75,15 @@ def main() -> None:
         trainer = Trainer(cfg, accelerator, StopRequest())
         trainer.progress.start_epoch(0)
         timed_steps(trainer, 20)  # warm-up
-        for _ in range(args.rounds):
-            for name in seconds:
+        for round_ in range(args.rounds):
+            for name in (list(seconds) if round_ % 2 == 0 else list(seconds)[::-1]):  # alternate who goes first
                 with ExitStack() as stack:
                     if name == "not measured":
                         for method in ("mark", "restart"):
                             stack.enter_context(mock.patch.object(rank_timing.RankTiming, method, lambda *a: None))
                         stack.enter_context(mock.patch.object(rank_timing.RankTiming, "report", lambda *a: {}))
                     seconds[name].append(timed_steps(trainer, args.steps))
+        calls = per_step_calls(trainer.progress.timing, cfg.train.log_every)
         trainer.close()
         teardown(accelerator)
         AcceleratorState._reset_state(True)
@@ -71,7 +91,8 @@ def main() -> None:
         signal.signal(sig, handler)
     batch = cfg.train.batch_size
     rates = {name: args.steps * batch / statistics.median(values) for name, values in seconds.items()}
-    ratio = rates["measured (as distrnn runs)"] / rates["not measured"]
+    ratio = statistics.median(off / on for on, off in zip(*seconds.values()))  # samples/s measured / not measured
+    step = statistics.median(seconds["not measured"]) / args.steps
     info = machine()
     print(f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}; default config, 1 CPU process; "
           f"{args.rounds} interleaved rounds of {args.steps} steps each way, medians. Command: "
@@ -79,8 +100,12 @@ def main() -> None:
     print("| training steps | samples/s |\n| --- | --- |")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.0f} |")
-    print(f"\nThe time split costs {100 * (1 - ratio):.2f}% of throughput (measured / not measured = {ratio:.4f}).")
-    print("RESULT " + json.dumps({"machine": info, "samples_per_s": rates, "ratio": ratio, "rounds": args.rounds,
+    print(f"\nPaired rounds: measured / not measured samples/s = {ratio:.4f} (median of {args.rounds} pairs; this is "
+          f"within the drift of the machine). The timing calls of one step, timed alone: {calls * 1e6:.1f} us, "
+          f"{100 * calls / step:.3f}% of a {step * 1000:.1f} ms step.")
+    print("RESULT " + json.dumps({"machine": info, "samples_per_s": rates, "paired_ratio": ratio,
+                                  "calls_seconds_per_step": calls, "step_seconds": step, "rounds": args.rounds,
+                                  "seconds": seconds,
                                   "steps": args.steps}))
 
 
