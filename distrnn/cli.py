@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from distrnn import devices, processes
+from distrnn import devices, engines, processes
 from distrnn.config import default_data_dir, load_config
 from distrnn.devices import check_precision
 from distrnn.errors import DistrnnError, debug_enabled, run_cli
@@ -38,7 +38,8 @@ class Commands(click.Group):
     """The tools after training are imported when named: `distrnn train` does not pay for matplotlib
     (report) or onnx (export)."""
 
-    TOOLS = {"predict": "distrnn.tools.predict", "export": "distrnn.tools.export", "report": "distrnn.tools.report"}
+    TOOLS = {"predict": "distrnn.tools.predict", "export": "distrnn.tools.export", "report": "distrnn.tools.report",
+             "k8s-manifest": "distrnn.tools.kubernetes"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.TOOLS]
@@ -61,7 +62,9 @@ def main(debug: bool) -> None:
 @main.command(name="train", context_settings=_CONTEXT)
 @mode_option
 @processes_option
-@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines in a multi-node run.")
+@click.option("--num-machines", type=int, default=None,
+              help="Machines in a multi-node run [default: what the engine says (a Kubeflow TrainJob's PET_NNODES, "
+                   "a PyTorchJob's WORLD_SIZE), else 1]; likewise --machine-rank and the main process's address.")
 @click.option("--machine-rank", type=int, default=None, help="This machine's rank (0 on the main machine).")
 @click.option("--main-process-ip", default=None, help="Address of the machine with rank 0.")
 @click.option("--main-process-port", type=int, default=None, help="Rendezvous port on the machine with rank 0.")
@@ -71,7 +74,7 @@ def main(debug: bool) -> None:
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Start failed workers again (a worker killed, hung or cut off), resuming from the newest checkpoint, "
                    "up to this many times; errors that would repeat (config, data) end the run.")
-def train_command(mode: str, num_processes: int | None, num_machines: int, machine_rank: int | None,
+def train_command(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
                   main_process_ip: str | None, main_process_port: int | None, rendezvous_timeout: int,
                   max_restarts: int, **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
@@ -79,11 +82,9 @@ def train_command(mode: str, num_processes: int | None, num_machines: int, machi
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say,
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # and the profiler's own lines (6: none, measured)
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
-    plan = processes.plan(mode, num_processes)
-    plan = processes.on_machines(plan, num_machines, machine_rank, main_process_ip, main_process_port)
+    plan = processes.plan_run(mode, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
+                              max_restarts)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
-    if max_restarts and plan.in_process:
-        plan = processes.Plan(plan.mode, 1, plan.launch_config, plan.machines, supervised=True)
     sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout,
                               max_restarts))
 
@@ -128,6 +129,7 @@ def env_command() -> None:
         click.echo(f"  cuda:{i}     {torch.cuda.get_device_name(i)} (sm_{major}{minor}, bf16: "
                    f"{'native' if devices.gpu_bf16_supported() else 'no'})")
     click.echo(f"data dir     {default_data_dir()}")
+    click.echo(f"engine       {engines.detect().describe()}")
     try:
         plan = processes.plan("auto", None, gpus)
     except DistrnnError as e:

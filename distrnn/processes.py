@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from distrnn import engines
 from distrnn.agent import free_port, run_agent
 from distrnn.devices import check_allocated_gpus_usable, visible_gpus
 from distrnn.errors import DistrnnError, first_line, run_cli
@@ -80,6 +81,22 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
         return Plan("ddp", n, launch_config("ddp.yaml"))
     n = num_processes or 1
     return Plan("cpu", n, launch_config("cpu.yaml" if n == 1 else "cpu_multi.yaml"))
+
+
+def plan_run(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
+             main_ip: str | None, main_port: int | None, max_restarts: int = 0) -> Plan:
+    """`distrnn train`'s plan: the command line's flags, and for each machine flag it leaves out what the engine
+    that started it says (engines.py: a Kubeflow TrainJob's PET_* variables, a PyTorchJob's, ...)."""
+    engine = engines.detect()
+    machines = num_machines if num_machines is not None else (engine.machines or 1)
+    if machines > 1:
+        machine_rank = machine_rank if machine_rank is not None else engine.rank
+        main_ip, main_port = main_ip or engine.address, main_port or engine.port
+    p = on_machines(plan(mode, num_processes if num_processes is not None else engine.processes), machines,
+                    machine_rank, main_ip, main_port)
+    if max_restarts and p.in_process:  # one worker, but under torchrun's agent: it can be started again
+        p = Plan(p.mode, 1, p.launch_config, p.machines, supervised=True)
+    return p
 
 
 def on_machines(p: Plan, count: int, rank: int | None, main_ip: str | None, main_port: int | None) -> Plan:

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "dnt"  # every namespace and interface made here starts with it (names are at most 15 characters)
 
@@ -53,8 +54,10 @@ def _tag() -> int:
 
 
 @contextmanager
-def machines(count: int) -> Iterator[list[Machine]]:
-    """`count` machines on one switch: 10.201.T.1, 10.201.T.2, ... (T from this process)."""
+def machines(count: int, names: dict[str, int] | None = None) -> Iterator[list[Machine]]:
+    """`count` machines on one switch: 10.201.T.1, 10.201.T.2, ... (T from this process). `names`: host names
+    that resolve, inside these namespaces only, to machine i (/etc/netns/NS/hosts, which `ip netns exec`
+    mounts over /etc/hosts), as a Kubernetes headless service's names do."""
     tag = _tag()
     switch = f"{PREFIX}{tag}sw"
     made = [switch]
@@ -77,13 +80,22 @@ def machines(count: int) -> Iterator[list[Machine]]:
             _ip("-n", name, "link", "set", "eth0", "up")
             _ip("-n", name, "link", "set", "lo", "up")
             found.append(Machine(name, address))
+        if names:
+            lines = "".join(f"{found[i].address} {host}\n" for host, i in names.items())
+            for machine in found:
+                hosts = Path("/etc/netns") / machine.namespace / "hosts"
+                hosts.parent.mkdir(parents=True, exist_ok=True)
+                hosts.write_text(Path("/etc/hosts").read_text() + lines)
         yield found
     finally:
         for name in reversed(made):  # deleting a namespace deletes its interfaces
             _ip("netns", "del", name, check=False)
+            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 
 def leftovers() -> list[str]:
-    """Namespaces of this module's that are still there (a test that leaks one fails on it)."""
+    """Namespaces (and their /etc/netns folders) of this module's that are still there: a test that leaks one
+    fails on it."""
     listed = _ip("netns", "list", check=False).stdout.split()
-    return [word for word in listed if word.startswith(PREFIX)]
+    folders = [p.name for p in Path("/etc/netns").glob(f"{PREFIX}*")] if Path("/etc/netns").is_dir() else []
+    return [word for word in listed if word.startswith(PREFIX)] + folders

@@ -120,3 +120,24 @@ def test_a_main_machine_killed_during_set_up_ends_the_other_within_the_collectiv
     assert code != 0
     [line] = stderr_lines(err)
     assert "Traceback" not in err and (f"{main.address}:29613" in line), line
+
+
+def test_a_worker_whose_launcher_is_killed_ends_itself_and_the_run_ends(two_machines, tmp_path, data_dir):
+    """torchrun starts each worker in a session of its own: killing machine 1's launcher alone used to leave its
+    worker training on with machine 0, and machine 0 then waited 300 s in torchrun's exit barrier."""
+    main, other = two_machines
+    out = tmp_path / "run"
+    procs = [start(main, 0, main, out, "--data-dir", str(data_dir), "--set", "data.train_samples=8000"),
+             start(other, 1, main, out, "--data-dir", str(data_dir), "--set", "data.train_samples=8000")]
+    deadline = time.monotonic() + 120
+    while not psutil.Process(procs[1].pid).children() or not (out / "metrics.jsonl").is_file():
+        assert time.monotonic() < deadline and procs[1].poll() is None, "machine 1 started no worker"
+        time.sleep(0.1)
+    [worker] = psutil.Process(procs[1].pid).children()
+    procs[1].kill()  # the launcher only
+    killed = time.monotonic()
+    assert not psutil.wait_procs([worker], timeout=10)[1], "the worker outlived its launcher"
+    code0, _, err0 = finish(procs[0], timeout=120)
+    finish(procs[1])
+    assert code0 != 0 and time.monotonic() - killed < 20 + 20, err0[-2000:]
+    assert "Traceback" not in err0
