@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,6 +233,10 @@ def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
     return changes if meta is not None else []
 
 
+# Called on every rank with (folder, global step) once a checkpoint is published (Ray's launcher reports it)
+OnSaved = Callable[[Path, int], None]
+
+
 class Checkpointer:
     """The trainer's checkpoints: where to resume, restoring, saving (and pruning), the best model.
 
@@ -240,8 +245,9 @@ class Checkpointer:
     every rank's own RNG file), `save` (three agreements around save_state), `save_best` (one agreement).
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int, hold: FolderHold):
-        self.accelerator, self.cfg, self.folder, self.hold = accelerator, cfg, folder, hold
+    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int, hold: FolderHold,
+                 on_saved: OnSaved | None = None):
+        self.accelerator, self.cfg, self.folder, self.hold, self.on_saved = accelerator, cfg, folder, hold, on_saved
         self.requested = (cfg.train.batch_size, cfg.train.grad_accum_steps)  # as first started: resume_point
         self.say = main_print(accelerator)
         self.bytes = estimated_bytes(parameters, accelerator.num_processes)
@@ -312,6 +318,8 @@ class Checkpointer:
                     keep=self.cfg.checkpoint.keep, needed_bytes=self.bytes + 2**20,
                     tensors=list(self.accelerator.unwrap_model(model).state_dict()))
         self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        if self.on_saved is not None:
+            self.on_saved(path, position.global_step)
         return path
 
     def save_best(self, model, accuracy: float, step: int) -> None:

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from distrnn import devices, engines, processes
 from distrnn.config import default_data_dir, load_config
@@ -71,22 +72,63 @@ def main(debug: bool) -> None:
 @click.option("--rendezvous-timeout", type=click.IntRange(min=1), default=processes.RENDEZVOUS_TIMEOUT_S,
               show_default=True, metavar="SECONDS",
               help="How long the machines of a multi-machine run wait for each other at start-up.")
+@click.option("--launcher", type=click.Choice(["torchrun", "ray"]), default="torchrun", show_default=True,
+              help="torchrun: distrnn's own launcher (one per machine); ray: Ray Train's TorchTrainer on a Ray "
+                   "cluster (pip install 'distrnn[ray]').")
+@click.option("--ray-address", default=None, help="The Ray cluster's address (ray start --head ...); "
+              "[default: RAY_ADDRESS, else a local Ray].")
+@click.option("--num-workers", default="1", show_default=True, metavar="N|MIN-MAX",
+              help="--launcher ray: worker processes (a range: Ray Train's elastic mode).")
+@click.option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--launcher ray: restarts of the workers after a failure (a lost node), from the latest checkpoint.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Start failed workers again (a worker killed, hung or cut off), resuming from the newest checkpoint, "
                    "up to this many times; errors that would repeat (config, data) end the run.")
 def train_command(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
                   main_process_ip: str | None, main_process_port: int | None, rendezvous_timeout: int,
-                  max_restarts: int, **params: Any) -> None:
+                  max_restarts: int, launcher: str, ray_address: str | None, num_workers: str, max_failures: int,
+                  **params: Any) -> None:
     """Train (config: defaults < --config FILE < flags and --set KEY=VALUE)."""
     if not debug_enabled():  # before torch is imported: torch's C++ log lines (c10d's retries, with C++
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # stack traces) say what our one lines say,
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # and the profiler's own lines (6: none, measured)
+    check_launcher_flags(launcher)
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
+    if launcher == "ray":
+        sys.exit(on_ray(cfg, mode, ray_address, num_workers, max_failures, to_args(CONFIG_OPTIONS, params)))
     plan = processes.plan_run(mode, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
                               max_restarts)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
     sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout,
                               max_restarts))
+
+
+LAUNCHER_FLAGS = {  # each launcher's own flags: the other one would ignore them
+    "torchrun": ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                 "rendezvous_timeout", "max_restarts"),
+    "ray": ("ray_address", "num_workers", "max_failures"),
+}
+
+
+def check_launcher_flags(launcher: str) -> None:
+    ctx = click.get_current_context()
+    other = "ray" if launcher == "torchrun" else "torchrun"
+    for name in LAUNCHER_FLAGS[other]:
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            instead = "--num-workers" if launcher == "ray" else "--num-processes or --num-machines"
+            raise click.UsageError(f"--{name.replace('_', '-')} is for --launcher {other}; "
+                                   f"with --launcher {launcher} use {instead}")
+
+
+def on_ray(cfg, mode: str, address: str | None, num_workers: str, max_failures: int, worker_args: list[str]) -> int:
+    from distrnn.ray_launcher import require_ray, run_on_ray, worker_counts
+
+    workers = worker_counts(num_workers)
+    require_ray()
+    use_cpu = mode == "cpu" or (mode == "auto" and devices.visible_gpus() == 0)
+    check_precision(cfg.train.precision, on_cpu=use_cpu)
+    return run_on_ray(worker_args, address, workers, max_failures, cfg.train.output_dir, use_cpu,
+                      cfg.train.collective_timeout_s)
 
 
 @with_options(EVALUATE_OPTIONS)

@@ -28,6 +28,7 @@ import psutil
 
 from distrnn.errors import DistrnnError
 
+RUN_ID_VARIABLE = "DISTRNN_RUN_ID"  # set by distrnn's launchers for their workers
 REFRESH_S = 30
 STALE_AFTER_S = 600  # 20 refreshes missed: a holder refreshes from its own thread, also while it saves or evaluates
 TAKEOVER_S = 30  # how long the short lock that makes taking over a stale hold one process's job is honoured
@@ -41,6 +42,7 @@ class Holder:
     refreshed: float
     slurm_job: str | None = None
     slurm_restart: int = 0
+    run_id: str | None = None  # one `distrnn train` (its launcher's DISTRNN_RUN_ID): its restarts share the hold
 
     @staticmethod
     def me() -> Holder:
@@ -49,7 +51,7 @@ class Holder:
             f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}") or os.environ.get(
             "SLURM_JOB_ID")
         return Holder(socket.gethostname().split(".")[0], os.getpid(), now, now, job,
-                      int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+                      int(os.environ.get("SLURM_RESTART_COUNT", "0")), os.environ.get(RUN_ID_VARIABLE))
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job} (restart {self.slurm_restart})" if self.slurm_job else ""
@@ -109,8 +111,9 @@ class FolderHold:
                 self._refresher.start()
                 return warnings
             other = self.read()
-            if other is not None and other.slurm_job and other.slurm_job == me.slurm_job:
-                self._take_over()  # this job before its requeue (or its earlier try): the same run
+            if other is not None and ((other.slurm_job and other.slurm_job == me.slurm_job)
+                                      or (other.run_id and other.run_id == me.run_id)):
+                self._take_over()  # this job before its requeue, or this run before a restart: the same run
                 continue
             why = "it cannot be read" if other is None else other.why_stale()
             if why is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from distrnn.errors import DistrnnError
 
@@ -40,6 +41,8 @@ class StopRequest:
         forwarded = os.environ.get(FORWARDED_VARIABLE) == "1"
         self._meaning = {sent: original for original, sent in FORWARDED.items()} if forwarded else {
             sig: sig for sig in STOP_SIGNALS}
+        if threading.current_thread() is not threading.main_thread():
+            return  # Ray Train runs each worker's loop in a thread: Ray itself handles the node's signals there
         for sig in self._meaning:
             signal.signal(sig, self._handle)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +21,7 @@ from distrnn import engines
 from distrnn.agent import free_port, run_agent
 from distrnn.devices import check_allocated_gpus_usable, visible_gpus
 from distrnn.errors import DistrnnError, first_line, run_cli
+from distrnn.folder_hold import RUN_ID_VARIABLE
 from distrnn.network import gloo_interface, wait_for_main
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -157,7 +160,7 @@ def torchrun_args(p: Plan, module: str, worker_args: list[str], rendezvous_timeo
 
 def worker_env(p: Plan) -> dict[str, str]:
     """What the workers need besides torchrun's own variables (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
-    env = {}
+    env = {RUN_ID_VARIABLE: f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}"}  # restarts share the hold
     if not os.environ.get("OMP_NUM_THREADS"):
         import psutil
 

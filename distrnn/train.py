@@ -5,7 +5,7 @@ Parses, then calls: the loop itself is `distrnn.trainer.Trainer`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,9 +16,13 @@ from distrnn.options import config_options, overrides_from
 from distrnn.preemption import StopRequest
 from distrnn.run_folder import RunFolder
 
+if TYPE_CHECKING:
+    from distrnn.checkpoint import OnSaved
 
-def run_training(cfg: Config) -> dict[str, Any]:
-    """This process's part of a run: the Trainer's fit, with a lost peer turned into one line."""
+
+def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str, Any]:
+    """This process's part of a run: the Trainer's fit, with a lost peer turned into one line. `on_checkpoint`
+    (path, step) is called on every rank after each checkpoint is published (Ray's launcher reports them)."""
     from distrnn.trainer import Trainer
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
@@ -29,7 +33,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
         heartbeats = Heartbeats.start(accelerator)
-        trainer = Trainer(cfg, accelerator, stop_request, hold)
+        trainer = Trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
         return trainer.fit()
     except Exception as e:
         lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s)

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from distrnn import faults, loaders
-from distrnn.checkpoint import Checkpointer
+from distrnn.checkpoint import Checkpointer, OnSaved
 from distrnn.config import Config
 from distrnn.distributed import agree, dist_sum, main_print
 from distrnn.evaluator import Evaluator, best_validation, metrics, patience_exhausted, summary, validation_summary
@@ -46,8 +46,9 @@ def onecycle(accelerator: Accelerator, optimizer, cfg: Config, steps_per_epoch: 
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None):
-        """`hold`: this run's hold on its folder, taken before anything is written there; its owner releases it."""
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None,
+                 on_checkpoint: OnSaved | None = None):
+        """`hold`: the folder's hold (taken before any write; its owner releases it); `on_checkpoint(path, step)`."""
         self.cfg, self.accelerator, self.stop_request = cfg, accelerator, stop_request
         self.folder = RunFolder(cfg.train.output_dir)
         self.say = main_print(accelerator)
@@ -57,7 +58,8 @@ class Trainer:
         faults.flatten_like_cudnn(model.rnn)
         faults.run_rnn_as_on_a_gpu()
         self.hold = hold or FolderHold(self.folder.hold)
-        self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model), self.hold)
+        self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model), self.hold,
+                                         on_checkpoint)
         # The config to train with: a resume on another number of processes keeps the global batch.
         resume_from, meta, cfg = self.checkpointer.resume_point()
         self.cfg = cfg

@@ -128,3 +128,29 @@ def test_two_pods_train_lose_one_restart_together_and_resume_with_exact_counts(t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 32
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_pod_evicted_with_sigterm_checkpoints_both_pods_exit_75_and_the_restart_resumes(two_pods, tmp_path,
+                                                                                         data_dir):
+    """Evicting one pod (a node drained, a preemptible node reclaimed) sends SIGTERM to its container's first
+    process, `distrnn train`, and gives it terminationGracePeriodSeconds: the ranks agree to stop at one step,
+    save one checkpoint and every pod exits 75; the restarted set resumes there."""
+    command = pod_command(tmp_path, data_dir)
+    out = tmp_path / "runs" / "distrnn"
+    procs = start_pods(two_pods, command, trainer_v2)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 5)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    (code0, out0, err0), (code1, _, err1) = finish(procs, timeout=120)
+    assert (code0, code1) == (75, 75), err0[-2000:] + err1[-2000:]
+    assert time.monotonic() - signalled < 120  # the manifest's default grace period
+    assert "Traceback" not in err0 + err1
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert saved, "no checkpoint saved on the way out"
+    (code0, out0, err0), (code1, _, err1) = finish(start_pods(two_pods, command, trainer_v2))
+    assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
+    assert f"resumed from {out}/checkpoints/{saved[-1]}" in out0
+    assert [seen for _, seen in counts(out0)] == [4000, 10_000]

@@ -36,7 +36,7 @@ def test_the_trainer_class_is_the_loop_and_at_most_250_lines():
 
 def test_the_result_tools_live_in_their_own_subpackage():
     tools = {p.stem for p in (REPO / "distrnn" / "tools").glob("*.py")} - {"__init__"}
-    assert tools == {"predict", "export", "report", "figures"}
+    assert tools == {"predict", "export", "report", "figures", "time_split", "kubernetes"}
     assert not any((REPO / "distrnn" / f"{name}.py").exists() for name in tools)
 
 

@@ -144,3 +144,25 @@ def test_a_requeued_slurm_job_takes_over_its_own_hold_silently(tmp_path, monkeyp
     assert hold.take() == []
     assert (hold.read().slurm_job, hold.read().slurm_restart) == ("4242", 1)
     hold.release()
+
+
+@pytest.mark.parametrize("mine, theirs, taken", [("ray-77", "ray-77", True), ("ray-77", "ray-78", False),
+                                                 (None, None, False)])
+def test_a_restarted_worker_of_the_same_run_takes_over_its_hold_and_another_run_does_not(tmp_path, monkeypatch,
+                                                                                          mine, theirs, taken):
+    """A live holder on another node (Ray's or torchrun's earlier workers, not yet known to be gone): only a
+    restart of the same `distrnn train` (its launcher's DISTRNN_RUN_ID) may take the hold over."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("DISTRNN_RUN_ID", raising=False)
+    if mine:
+        monkeypatch.setenv("DISTRNN_RUN_ID", mine)
+    path = tmp_path / ".hold"
+    path.write_text(json.dumps({**Holder.me().__dict__, "host": "node7", "pid": 12, "run_id": theirs}))
+    hold = FolderHold(path)
+    if taken:
+        assert hold.take() == []
+        assert hold.read().run_id == mine and hold.read().pid == os.getpid()
+        hold.release()
+    else:
+        with pytest.raises(DistrnnError, match="is in use by another run"):
+            hold.take()
