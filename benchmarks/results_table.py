@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench import machine
 from devtools.readme import replace_block
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,8 +58,7 @@ def train_all(data_dir: str) -> dict:
                       **{k: summary[k] for k in ("test_correct", "test_seen", "train_correct", "train_seen",
                                                  "train_seconds", "samples_per_s", "steps")}}
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    return {"commit": commit.stdout.strip(), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores", "runs": runs}
+    return {"commit": commit.stdout.strip(), "machine": f"{machine()['cpu']}, {os.cpu_count()} cores", "runs": runs}
 
 
 def pictures() -> None:
