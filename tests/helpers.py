@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +62,17 @@ def train_small_model(out: Path, data_dir: Path, config: str = "smoke", samples:
 def counts(output: str) -> list[tuple[int, int]]:
     """Every 'Got C / N with accuracy A' line as (C, N)."""
     return [(int(c), int(n)) for c, n in re.findall(r"^Got (\d+) / (\d+) with accuracy [\d.]+$", output, re.M)]
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a process started with pipes; its whole session killed at the timeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    return proc.returncode, out, err
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:

@@ -6,7 +6,6 @@ command `distrnn k8s-manifest` writes. JobSet restarts the whole set on a failur
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ import yaml
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, distrnn, process_env
+from tests.helpers import BIN, REPO, counts, distrnn, finish, process_env
 
 pytestmark = pytest.mark.slow
 
@@ -76,17 +75,8 @@ def pytorchjob(rank: int) -> dict[str, str]:
     return {"MASTER_ADDR": SERVICE, "MASTER_PORT": str(PORT), "WORLD_SIZE": "2", "RANK": str(rank)}
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str, str]]:
-    results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
-        results.append((proc.returncode, out, err))
-    return results
+def finish_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str, str]]:
+    return [finish(proc, timeout) for proc in procs]
 
 
 def test_the_manifest_validates_against_kubeflow_trainers_own_models(tmp_path):
@@ -113,15 +103,15 @@ def test_two_pods_train_lose_one_restart_together_and_resume_with_exact_counts(t
     procs = start_pods(two_pods, command, variables)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").is_file() or not list((out / "checkpoints").glob("step-*")):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 5)
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish_all(procs, 5)
         time.sleep(0.2)
     kill_pod(procs[1])
     started = time.monotonic()
-    [(code0, out0, err0), _] = finish(procs, timeout=120)
+    [(code0, out0, err0), _] = finish_all(procs, timeout=120)
     assert code0 != 0 and time.monotonic() - started < 20 + 20, err0[-2000:]
     assert "Traceback" not in err0
     # 2. JobSet restarts the whole set: both pods, the same command and variables; they resume
-    (code0, out0, err0), (code1, _, err1) = finish(start_pods(two_pods, command, variables))
+    (code0, out0, err0), (code1, _, err1) = finish_all(start_pods(two_pods, command, variables))
     assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
     assert "resumed from" in out0
     assert [seen for _, seen in counts(out0)] == [4000, 10_000]  # exact, over both pods
@@ -140,17 +130,17 @@ def test_a_pod_evicted_with_sigterm_checkpoints_both_pods_exit_75_and_the_restar
     procs = start_pods(two_pods, command, trainer_v2)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").is_file():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 5)
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish_all(procs, 5)
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    (code0, out0, err0), (code1, _, err1) = finish(procs, timeout=120)
+    (code0, out0, err0), (code1, _, err1) = finish_all(procs, timeout=120)
     assert (code0, code1) == (75, 75), err0[-2000:] + err1[-2000:]
     assert time.monotonic() - signalled < 120  # the manifest's default grace period
     assert "Traceback" not in err0 + err1
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert saved, "no checkpoint saved on the way out"
-    (code0, out0, err0), (code1, _, err1) = finish(start_pods(two_pods, command, trainer_v2))
+    (code0, out0, err0), (code1, _, err1) = finish_all(start_pods(two_pods, command, trainer_v2))
     assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
     assert f"resumed from {out}/checkpoints/{saved[-1]}" in out0
     assert [seen for _, seen in counts(out0)] == [4000, 10_000]

@@ -22,7 +22,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, process_env
+from tests.helpers import BIN, REPO, counts, finish, process_env
 
 pytestmark = pytest.mark.slow
 
@@ -89,16 +89,6 @@ def train_on_ray(head: netns.Machine, temp: Path, out, data_dir, *extra: str, nu
                       start_new_session=True)
 
 
-def wait(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-    return proc.returncode, out, err
-
-
 def registered_by_ray(out: Path) -> bool:
     """Ray's controller has taken a reported checkpoint into its books (its snapshot in the run folder)."""
     snapshot = out / "checkpoint_manager_snapshot.json"
@@ -111,12 +101,12 @@ def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_r
         proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", "--wandb")  # offline
         deadline = time.monotonic() + 300
         while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, wait(proc, 5)
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
             time.sleep(0.2)
         kill_node(worker)  # the worker node's Ray, and the distrnn worker on it
         time.sleep(5)
         ray_start(worker, temp, "again", "--address", f"{head.address}:{PORT}")
-        code, stdout, stderr = wait(proc, timeout=600)
+        code, stdout, stderr = finish(proc, timeout=600)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     # the restarted workers were given Ray's latest checkpoint (in place in the run folder, not a copy)
     assert f"resume: {out}/checkpoints/step-" in stdout and "resumed from" in stdout, stdout[-5000:]
@@ -140,10 +130,10 @@ def test_an_elastic_range_goes_on_with_one_worker_when_a_node_is_lost_and_keeps_
         proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", num_workers="1-2")
         deadline = time.monotonic() + 300
         while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, wait(proc, 5)
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
             time.sleep(0.2)
         kill_node(worker)
-        code, stdout, stderr = wait(proc, timeout=600)
+        code, stdout, stderr = finish(proc, timeout=600)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     own = without_ray_prefixes(stdout)
     assert re.search(r"^distrnn: 2 process\(es\).*global batch 128 \(64 per process x 2 x 1", own, re.M), own[-3000:]
@@ -159,11 +149,11 @@ def test_without_restarts_a_lost_node_fails_the_run_fast_in_one_line(tmp_path, d
         proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "0")
         deadline = time.monotonic() + 300
         while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, wait(proc, 5)
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
             time.sleep(0.2)
         kill_node(worker)
         lost = time.monotonic()
-        result = subprocess.CompletedProcess(proc.args, *wait(proc, timeout=180))
+        result = subprocess.CompletedProcess(proc.args, *finish(proc, timeout=180))
     assert time.monotonic() - lost < 120
     assert result.returncode == 137, result.stderr[-3000:]  # as a torchrun worker killed by SIGKILL
     own = drivers_own_lines(result.stderr)

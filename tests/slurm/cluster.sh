@@ -107,15 +107,25 @@ foreign_daemons() {
     return 1
 }
 
-remove_network() {
+# The first of this cluster's namespaces that runs another cluster's daemons (printed); fails if none does.
+foreign_namespace() {
     local ns
     for ns in $(namespaces); do
         if ns_exists "$ns" && foreign_daemons "$ns"; then
-            echo "network namespace $ns runs the daemons of a cluster with another state folder than $STATE;" \
-                 "left as it is (run down with that DISTRNN_SLURM_STATE)" >&2
+            echo "$ns"
             return 0
         fi
     done
+    return 1
+}
+
+remove_network() {
+    local ns
+    if ns=$(foreign_namespace); then
+        echo "network namespace $ns runs the daemons of a cluster with another state folder than $STATE;" \
+             "left as it is (run down with that DISTRNN_SLURM_STATE)" >&2
+        return 0
+    fi
     for ns in $(namespaces); do
         ns_exists "$ns" || continue
         kill_ns_processes "$ns"
@@ -252,13 +262,11 @@ up() {
         return
     fi
     local ns
-    for ns in $(namespaces); do
-        if ns_exists "$ns" && foreign_daemons "$ns"; then
-            echo "network namespace $ns runs the daemons of a cluster with another state folder than $STATE;" \
-                 "run this script's down with that DISTRNN_SLURM_STATE first" >&2
-            exit 1
-        fi
-    done
+    if ns=$(foreign_namespace); then
+        echo "network namespace $ns runs the daemons of a cluster with another state folder than $STATE;" \
+             "run this script's down with that DISTRNN_SLURM_STATE first" >&2
+        exit 1
+    fi
     install
     trap failed_up EXIT
     trap 'exit 130' INT
