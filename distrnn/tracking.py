@@ -48,8 +48,13 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_hparams(writer: Any, values: dict[str, Any]) -> None:
-    """The run's config as TensorBoard hparams, in the writer's own event file (see _start_tensorboard)."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    """The run's config as TensorBoard hparams, in the writer's own event file (see _start_tensorboard).
+    The summaries come from the writer's own package: accelerate falls back to tensorboardX (which Ray Train
+    installs) when tensorboard is missing, and torch's summaries would need the missing package."""
+    if type(writer).__module__.startswith("tensorboardX"):
+        from tensorboardX.summary import hparams as hparams_summaries
+    else:
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
     for summary in hparams_summaries(values, {}):  # experiment, session start, session end
         writer.file_writer.add_summary(summary)

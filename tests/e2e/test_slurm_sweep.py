@@ -162,6 +162,6 @@ def test_report_ranks_the_trials_by_validation_accuracy(sweep, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| run | best validation accuracy (step) | steps |")
     assert [[c.strip() for c in row.strip("|").split("|")] for row in lines[2:]] == expected_rows(folders)
-    _, _, acc_step, _ = report.draw(report.load_runs(tuple(map(str, folders)))).axes
+    _, _, acc_step, _ = report.draw(report.load_runs(tuple(map(str, folders)))).axes[:4]
     assert acc_step.get_title() == "validation accuracy against step"
     assert all(len(line.get_xdata()) >= 5 for line in acc_step.get_lines())  # every 10 of ~55 steps, and the end

@@ -38,11 +38,12 @@ def train(out: Path, data_dir: Path, log_with: str, env: dict[str, str] | None =
     return result
 
 
-def shadow(tmp_path: Path, package: str, body: str) -> dict[str, str]:
-    """An env whose PYTHONPATH puts a stand-in `package` first: importing it runs `body`."""
-    root = tmp_path / f"shadow-{package}"
-    (root / package).mkdir(parents=True)
-    (root / package / "__init__.py").write_text(body)
+def shadow(tmp_path: Path, body: str, *packages: str) -> dict[str, str]:
+    """An env whose PYTHONPATH puts a stand-in for each of `packages` first: importing one runs `body`."""
+    root = tmp_path / "shadow"
+    for package in packages:
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text(body.format(package=package))
     return {"PYTHONPATH": str(root)}
 
 
@@ -71,6 +72,12 @@ def assert_tensorboard_holds_the_run(out: Path) -> EventAccumulator:
         assert [s for s, _ in seen] == [s for s, _ in points], key
         assert [v for _, v in seen] == pytest.approx([v for _, v in points], rel=1e-6), key
     return events
+
+
+def assert_the_config_is_in_the_event_file(out: Path, events: EventAccumulator) -> None:
+    """TensorBoard's hparams in the run's one event file: no sub-folder that TensorBoard would list as a run."""
+    assert [p.is_file() for p in (out / "tensorboard").iterdir()] == [True]
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
 
 
 def tensorboard_warnings(result: subprocess.CompletedProcess) -> list[str]:
@@ -105,7 +112,7 @@ def test_tensorboard_alone_makes_no_wandb_run(tmp_path, data_dir):
     out = tmp_path / "run"
     train(out, data_dir, "tensorboard")
     assert not (out / "wandb").exists()
-    assert_tensorboard_holds_the_run(out)
+    assert_the_config_is_in_the_event_file(out, assert_tensorboard_holds_the_run(out))
 
 
 def test_no_trackers_still_writes_metrics_jsonl(tmp_path, data_dir):
@@ -117,9 +124,9 @@ def test_no_trackers_still_writes_metrics_jsonl(tmp_path, data_dir):
 
 
 def test_missing_tensorboard_is_one_warning(tmp_path, data_dir):
-    # What Python raises when the package is not installed at all.
-    env = shadow(tmp_path, "tensorboard", 'raise ModuleNotFoundError("No module named \'tensorboard\'", '
-                                          'name="tensorboard")\n')
+    # What Python raises when a package is not installed at all; accelerate falls back to tensorboardX
+    env = shadow(tmp_path, 'raise ModuleNotFoundError("No module named \'{package}\'", name="{package}")\n',
+                 "tensorboard", "tensorboardX")
     out = tmp_path / "run"
     result = train(out, data_dir, "tensorboard", env=env)
     assert tensorboard_warnings(result) == [MISSING + " (pip install tensorboard, or drop it from --log-with)"]
@@ -127,8 +134,21 @@ def test_missing_tensorboard_is_one_warning(tmp_path, data_dir):
     assert (out / "summary.json").is_file() and (out / "metrics.jsonl").is_file()
 
 
+def test_without_tensorboard_tensorboardx_holds_the_run_hparams_included(tmp_path, data_dir):
+    """accelerate's fallback (tensorboardX comes with Ray Train): the same event file, from its own summaries."""
+    require(subprocess.run([str(BIN / "python"), "-c", "import tensorboardX"]).returncode == 0,
+            "tensorboardX is not installed: pip install 'distrnn[ray]'")
+    env = shadow(tmp_path, 'raise ModuleNotFoundError("No module named \'{package}\'", name="{package}")\n',
+                 "tensorboard")
+    out = tmp_path / "run"
+    result = train(out, data_dir, "tensorboard", env=env)
+    assert not tensorboard_warnings(result), result.stdout[-2000:]
+    events = assert_tensorboard_holds_the_run(out)
+    assert_the_config_is_in_the_event_file(out, events)
+
+
 def test_broken_tensorboard_does_not_stop_wandb(tmp_path, data_dir):
-    env = shadow(tmp_path, "tensorboard", 'raise ImportError("tensorboard is broken here")\n')
+    env = shadow(tmp_path, 'raise ImportError("tensorboard is broken here")\n', "tensorboard")
     out = tmp_path / "run"
     result = train(out, data_dir, "wandb,tensorboard", env=env)
     [warning] = tensorboard_warnings(result)
@@ -138,7 +158,7 @@ def test_broken_tensorboard_does_not_stop_wandb(tmp_path, data_dir):
 
 
 def test_failing_wandb_does_not_stop_tensorboard(tmp_path, data_dir):
-    env = shadow(tmp_path, "wandb", "def init(*args, **kwargs):\n    raise RuntimeError('W&B is down')\n")
+    env = shadow(tmp_path, "def init(*args, **kwargs):\n    raise RuntimeError('W&B is down')\n", "wandb")
     out = tmp_path / "run"
     result = train(out, data_dir, "wandb,tensorboard", env=env)
     assert "training continues without W&B" in result.stdout
