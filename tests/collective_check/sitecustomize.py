@@ -8,7 +8,8 @@ When torch.distributed is imported, its Python collectives are wrapped so that
   stop on a mismatch, naming both.
 The second is what TORCH_DISTRIBUTED_DEBUG=DETAIL does in torch; on torch 2.14.1 DETAIL makes DDP's
 constructor segfault on gloo (a 10-line script: init_process_group("gloo"), DDP(nn.Linear(4, 2)), 2 ranks).
-DDP's own gradient all-reduces run in C++ and are not seen here. Nothing is imported until torch.distributed is.
+DDP's own gradient all-reduces run in C++ and are not seen here, except through a Python communication hook
+(distrnn's rank timing wraps the default all-reduce hook). Nothing is imported until torch.distributed is.
 """
 
 import functools
@@ -31,14 +32,24 @@ def _tensors(value):
     return [t for t in items if isinstance(t, torch.Tensor)]
 
 
+def _default_timeout(c10d):
+    """The default group's timeout (train.collective_timeout_s): torch has no public getter."""
+    import torch
+
+    try:
+        return c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    except Exception:
+        return None
+
+
 def _same_everywhere(c10d, originals, name, inputs):
     """Every rank of the default group calls `name` with these inputs (a digest exchange on a side group)."""
     import torch
 
     if not c10d.is_initialized() or c10d.get_world_size() < 2:
         return
-    if _state["group"] is None:
-        _state["group"] = c10d.new_group(backend="gloo")
+    if _state["group"] is None:  # the run's collective timeout, or a frozen rank would hold this exchange 30 min
+        _state["group"] = c10d.new_group(backend="gloo", timeout=_default_timeout(c10d))
     fingerprint = f"{name}{[(tuple(t.shape), str(t.dtype)) for t in inputs]}"
     mine = torch.tensor(list(hashlib.sha256(fingerprint.encode()).digest()) + list(fingerprint.encode()[:200].ljust(200)),
                         dtype=torch.uint8)

@@ -6,6 +6,7 @@ environment, so one "node" can have a damaged local disk, or a disk quota, that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -19,6 +20,7 @@ from distrnn.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import (
     counts,
     distrnn,
+    finish,
     header,
     newest_checkpoint,
     one_line_error,
@@ -165,15 +167,21 @@ def test_a_frozen_rank_is_named_as_unresponsive_within_the_collective_timeout(tm
     [frozen] = [w for w in workers if w.environ().get("RANK") == "1"]
     frozen.suspend()
     start = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
-    elapsed = time.monotonic() - start
+    try:
+        code, _, stderr = finish(proc, timeout=120)
+        elapsed = time.monotonic() - start
+        left = psutil.wait_procs(workers, timeout=10)[1]
+    finally:  # torchrun's workers have sessions of their own: finish's kill misses them
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+    assert not left, "workers left behind"
     assert 20 <= elapsed < 20 + 20, f"{elapsed:.1f} s"
-    assert proc.returncode == 3, stderr[-3000:]
+    assert code == 3, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.strip()] == [
         f"distrnn.train: error: rank 1 (node {HOST}, pid {frozen.pid}) stopped responding: no collective finished "
         "within train.collective_timeout_s=20 s and its heartbeat stopped; it was stopped, and so was the run: run "
         "the same command again to resume from the last checkpoint"]
-    assert not psutil.wait_procs(workers, timeout=10)[1], "workers left behind"
 
 
 @pytest.mark.parametrize("stage", ["checkpoint", "trackers", "prepare"])
