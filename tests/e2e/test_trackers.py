@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 SHORT = ["--config", "smoke", "--set", "data.train_samples=2000", "--set", "data.test_samples=2000",
          "--set", "train.log_every=5"]
 MISSING = "warning: TensorBoard is not installed; training continues without it"
+# What Python raises on importing a package that is not installed at all (a stand-in's body, see shadow)
+NOT_INSTALLED = 'raise ModuleNotFoundError("No module named \'{package}\'", name="{package}")\n'
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,9 +126,8 @@ def test_no_trackers_still_writes_metrics_jsonl(tmp_path, data_dir):
 
 
 def test_missing_tensorboard_is_one_warning(tmp_path, data_dir):
-    # What Python raises when a package is not installed at all; accelerate falls back to tensorboardX
-    env = shadow(tmp_path, 'raise ModuleNotFoundError("No module named \'{package}\'", name="{package}")\n',
-                 "tensorboard", "tensorboardX")
+    # accelerate falls back to tensorboardX: missing means both missing
+    env = shadow(tmp_path, NOT_INSTALLED, "tensorboard", "tensorboardX")
     out = tmp_path / "run"
     result = train(out, data_dir, "tensorboard", env=env)
     assert tensorboard_warnings(result) == [MISSING + " (pip install tensorboard, or drop it from --log-with)"]
@@ -138,8 +139,7 @@ def test_without_tensorboard_tensorboardx_holds_the_run_hparams_included(tmp_pat
     """accelerate's fallback (tensorboardX comes with Ray Train): the same event file, from its own summaries."""
     require(subprocess.run([str(BIN / "python"), "-c", "import tensorboardX"]).returncode == 0,
             "tensorboardX is not installed: pip install 'distrnn[ray]'")
-    env = shadow(tmp_path, 'raise ModuleNotFoundError("No module named \'{package}\'", name="{package}")\n',
-                 "tensorboard")
+    env = shadow(tmp_path, NOT_INSTALLED, "tensorboard")
     out = tmp_path / "run"
     result = train(out, data_dir, "tensorboard", env=env)
     assert not tensorboard_warnings(result), result.stdout[-2000:]
