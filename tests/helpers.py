@@ -28,8 +28,9 @@ COLLECTIVE_CHECK = {"PYTHONPATH": str(REPO / "tests" / "collective_check"), "DIS
 
 def process_env(extra: dict[str, str] | None) -> dict[str, str]:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **COLLECTIVE_CHECK, **(extra or {})}
-    if extra and "PYTHONPATH" in extra:  # a test's own path first, the check still on it
-        env["PYTHONPATH"] = os.pathsep.join([extra["PYTHONPATH"], COLLECTIVE_CHECK["PYTHONPATH"]])
+    # A test's own path first, then the check, then the caller's (a git worktree's checkout tested with one venv)
+    paths = [(extra or {}).get("PYTHONPATH"), COLLECTIVE_CHECK["PYTHONPATH"], os.environ.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("DISTRNN_DEBUG", None)
     return env
 
