@@ -160,6 +160,9 @@ def env_command() -> None:
             version = "not installed"
         click.echo(f"{name:<12} {version}")
     click.echo(f"cpu cores    {os.cpu_count()} (torch threads {torch.get_num_threads()})")
+    cpu_name = devices.cpu_capabilities().get("cpu_name") or platform.processor() or "unknown"
+    click.echo(f"cpu          {cpu_name}, {devices.cpu_capability()}, bf16: "
+               f"{devices.cpu_bf16_native() or 'emulated (no AVX512-BF16, AMX or BF16)'}")
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     click.echo(f"torch cuda   {torch.version.cuda or 'none (a CPU-only build)'}, cuDNN {cudnn}, "
                f"built for {' '.join(torch.cuda.get_arch_list()) or 'no GPU architecture'}")
@@ -172,6 +175,7 @@ def env_command() -> None:
                    f"{'native' if devices.gpu_bf16_supported() else 'no'})")
     click.echo(f"data dir     {default_data_dir()}")
     click.echo(f"engine       {engines.detect().describe()}")
+    click.echo(f"precision    {devices.choose_precision('auto', on_cpu=gpus == 0).describe()}")
     try:
         plan = processes.plan("auto", None, gpus)
     except DistrnnError as e:

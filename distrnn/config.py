@@ -25,7 +25,7 @@ CELLS = ("rnn", "gru", "lstm")
 NONLINEARITIES = ("tanh", "relu")
 HEADS = ("all-steps", "last-step")
 RECURRENT_INITS = ("pytorch", "orthogonal")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 SCHEDULES = ("constant", "onecycle")
 LOADERS = ("memory", "torchvision")
 
@@ -112,7 +112,9 @@ class TrainConfig:
     eval_train_set: bool = key(True, help="At the end, evaluate the final model on every training image too (the "
                                "seed's 'Accuracy on training data'); a forward pass over 60,000 images: ~4 s on "
                                "2 CPU cores.", resume=FREE)
-    precision: str = key("no", help="Mixed precision: no (fp32), fp16 (GPU only) or bf16 (CPU too).", resume=MATCH)
+    precision: str = key("no", help="Mixed precision: no (fp32), fp16 (GPU only), bf16 (emulated, so slower, on a CPU "
+                         "without AVX512-BF16 or AMX) or auto (bf16 where the CPU or GPU runs it natively, else fp32).",
+                         resume=MATCH)
     tf32: bool = key(False, help="Allow TF32 in fp32 matmuls and cuDNN RNNs on Ampere+ GPUs (faster; a 10-bit "
                      "mantissa). Off: fp32 means fp32.", resume=MATCH)
     deterministic: bool = key(False, help="Deterministic GPU kernels (torch.use_deterministic_algorithms, "

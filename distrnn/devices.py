@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distrnn.errors import DistrnnError
 
@@ -36,6 +39,77 @@ def gpu_bf16_supported() -> bool:
     import torch
 
     return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+# CPU features with which torch runs bf16 matmuls and RNN cells in hardware (oneDNN): x86's AVX512-BF16 and AMX,
+# Arm's BF16 and SVE-BF16. Without them bf16 is emulated in software: the fast config (batch 512) trained 24x
+# slower than fp32 on an AMD EPYC with AVX2 only (105 vs 2,554 samples/s) and the bare loop ran 2.8x slower on an
+# Intel Xeon with AVX-512 but neither (benchmarks/bare_loop.py, batch 512, 1,261 vs 3,518 samples/s).
+NATIVE_BF16_FEATURES = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX", "bf16": "BF16", "sve_bf16": "SVE-BF16"}
+EMULATED_BF16_SLOWDOWN = "2.8x (Intel Xeon, AVX-512) to 24x (AMD EPYC, AVX2 only)"
+
+
+def cpu_capabilities() -> Mapping[str, Any]:
+    """torch's own view of this CPU's instruction sets (what its kernels dispatch on), not /proc/cpuinfo's."""
+    import torch
+
+    return torch.cpu.get_capabilities()
+
+
+def cpu_capability() -> str:
+    """The vector level torch's CPU kernels run at: AVX2, AVX512, ... (torch.backends.cpu)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_bf16_native() -> str | None:
+    """The feature with which this CPU runs bf16 natively (e.g. 'AMX'), or None where bf16 is emulated."""
+    capabilities = cpu_capabilities()
+    return next((name for key, name in NATIVE_BF16_FEATURES.items() if capabilities.get(key)), None)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What train.precision asked for, what runs, and why (the start line, summary.json, distrnn env)."""
+
+    requested: str
+    chosen: str
+    reason: str | None = None  # said for `auto` and for bf16 where it is emulated
+
+    def describe(self) -> str:
+        if self.requested == self.chosen:
+            return self.chosen + (f" ({self.reason})" if self.reason else "")
+        return f"{self.requested} -> {self.chosen} ({self.reason})"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"requested": self.requested, "chosen": self.chosen, "reason": self.reason}
+
+
+def choose_precision(requested: str, on_cpu: bool) -> PrecisionChoice:
+    """`auto`: bf16 where the device runs it natively, else fp32 (fp16 stays an explicit GPU choice: it needs a
+    grad scaler and can skip updates). An explicit precision runs as asked; bf16 on a CPU that emulates it says so."""
+    if on_cpu:
+        native = cpu_bf16_native()
+        if native is None and requested in ("auto", "bf16"):
+            return PrecisionChoice(requested, "no" if requested == "auto" else "bf16",
+                                   f"this CPU has no native bf16: {cpu_capability()}")
+        if native is not None and requested == "auto":
+            return PrecisionChoice(requested, "bf16", f"this CPU runs bf16 natively: {native}")
+        return PrecisionChoice(requested, requested)
+    if requested == "auto":
+        native = gpu_bf16_supported()
+        return PrecisionChoice(requested, "bf16" if native else "no",
+                               "this GPU runs bf16 natively" if native else "this GPU has no native bf16")
+    return PrecisionChoice(requested, requested)
+
+
+def emulated_bf16_warning(choice: PrecisionChoice) -> str | None:
+    """One line for an explicit bf16 on a CPU that emulates it, with the measured cost and the fix."""
+    if choice.requested != "bf16" or choice.reason is None:
+        return None
+    return (f"warning: precision bf16 is emulated on this CPU ({choice.reason}); measured {EMULATED_BF16_SLOWDOWN} "
+            "slower than fp32: use --precision auto or --precision no")
 
 
 def check_precision(precision: str, on_cpu: bool, gpu_bf16: bool | None = None) -> None:

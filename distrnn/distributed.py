@@ -30,7 +30,7 @@ from accelerate.utils import (
 )
 
 from distrnn import faults
-from distrnn.devices import check_precision, set_numerics
+from distrnn.devices import check_precision, choose_precision, emulated_bf16_warning, set_numerics, will_run_on_cpu
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, run_cli
 
 T = TypeVar("T")
@@ -38,21 +38,26 @@ T = TypeVar("T")
 
 def make_accelerator(precision: str, seed: int, collective_timeout_s: int, project_dir: str,
                      tf32: bool = False, deterministic: bool = False) -> Accelerator:
-    """One Accelerator per process; the launcher (ACCELERATE_USE_CPU, torchrun env) picks the device."""
+    """One Accelerator per process; the launcher (ACCELERATE_USE_CPU, torchrun env) picks the device, and
+    `precision` auto becomes what that device runs natively (devices.choose_precision)."""
     # NCCL: when a collective fails or outlives the timeout (a rank died or hangs), abort the
     # communicator and end this process (1), instead of ending it with the communicator alive (3,
     # torch's default); the launcher then reports the rank. Gloo raises instead (peer_failure).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     set_numerics(tf32, deterministic)
+    choice = choose_precision(precision, on_cpu=will_run_on_cpu())
     try:
-        accelerator = _accelerator(precision, seed, collective_timeout_s, project_dir)
+        accelerator = _accelerator(choice.chosen, seed, collective_timeout_s, project_dir)
     except RuntimeError as e:  # joining the process group: the main machine or a peer is gone or unreachable
         if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not _is_collective_failure(e):
             raise
         where_ = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise DistrnnError(f"rank {os.environ.get('RANK')} could not join the process group of the main machine at "
                            f"{where_} ({first_line(e)}); check that every machine runs and can reach it") from None
-    check_precision(precision, on_cpu=accelerator.device.type == "cpu")
+    check_precision(choice.chosen, on_cpu=accelerator.device.type == "cpu")
+    warning = emulated_bf16_warning(choice)
+    if warning and accelerator.is_main_process:
+        print(warning, flush=True)
     if accelerator.device.type == "cpu":
         # Denormals slowed CPU training up to 50x here; flushing them costs no accuracy.
         torch.set_flush_denormal(True)

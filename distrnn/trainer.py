@@ -23,6 +23,7 @@ from tqdm import tqdm
 from distrnn import faults, loaders
 from distrnn.checkpoint import Checkpointer, OnSaved
 from distrnn.config import Config
+from distrnn.devices import choose_precision
 from distrnn.distributed import agree, dist_sum, main_print
 from distrnn.evaluator import Evaluator, best_validation, metrics, patience_exhausted, summary, validation_summary
 from distrnn.folder_hold import FolderHold
@@ -67,8 +68,9 @@ class Trainer:
         processes, per_process = accelerator.num_processes, cfg.train.batch_size
         threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
         self.global_batch = per_process * processes * cfg.train.grad_accum_steps
+        self.precision = choose_precision(cfg.train.precision, on_cpu=accelerator.device.type == "cpu")  # as made
         self.say(f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision "
-                 f"{cfg.train.precision}, global batch {self.global_batch} ({per_process} per process x "
+                 f"{self.precision.describe()}, global batch {self.global_batch} ({per_process} per process x "
                  f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}\n--- "
                  f"resolved config ---\n{cfg.to_yaml()}-----------------------\nmodel: {count_parameters(model):,} parameters")
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
@@ -283,6 +285,7 @@ class Trainer:
             **summary(train_acc, test), "train_seconds": seconds, "eval_seconds": self.evaluator.seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
             "global_batch": self.global_batch, "steps": self.position.global_step,
+            "precision": self.precision.to_dict(),
             "num_processes": self.accelerator.num_processes,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda" else None,

@@ -21,7 +21,7 @@ def expect_one_line(result, expected: str, code: int | None = None) -> None:
         (["train", "--epochs", "0"], "config key 'train.epochs' must be > 0, got 0", 2),
         (["train", "--batch-size", "-4"], "config key 'train.batch_size' must be > 0, got -4", 2),
         (["train", "--lr", "abc"], "Invalid value for '--lr': 'abc' is not a valid float", 2),
-        (["train", "--precision", "fp8"], "Invalid value for '--precision': 'fp8' is not one of 'no', 'fp16', 'bf16'", 2),
+        (["train", "--precision", "fp8"], "Invalid value for '--precision': 'fp8' is not one of 'auto', 'no', 'fp16', 'bf16'", 2),
         (["train", "--mode", "tpu"], "Invalid value for '--mode': 'tpu' is not one of 'auto', 'cpu', 'gpu', 'ddp'", 2),
         (["train", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),
         (["train", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),  # positional, as sweeps pass them
@@ -74,5 +74,10 @@ def test_help_explains_every_option():
 def test_env_reports_versions_and_launch_config():
     result = distrnn("env", timeout=120)
     assert result.returncode == 0, result.stderr
-    for word in ["torch", "accelerate", "wandb", "gpus", "auto mode", "distributed_type"]:
+    for word in ["torch", "accelerate", "wandb", "gpus", "auto mode", "distributed_type", "precision    auto -> "]:
         assert word in result.stdout
+    import torch
+
+    from distrnn import devices  # the CPU line names torch's capability and whether bf16 is native here
+    native = devices.cpu_bf16_native()
+    assert f", {torch.backends.cpu.get_cpu_capability()}, bf16: {native or 'emulated'}" in result.stdout
