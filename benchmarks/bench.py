@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distrnn import faults
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 97.5
 CURVE_EVERY = 20  # optimizer steps between evaluations in the fast config's curve run (~6 an epoch)
@@ -247,6 +249,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    faults.refuse_in_measurements("benchmarks.bench")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DISTRNN_DATA_DIR", "./data"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))

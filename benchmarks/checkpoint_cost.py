@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 
 from benchmarks.bench import machine
+from distrnn import faults
 from distrnn import checkpoint, integrity
 from distrnn.checkpoint import Position
 from distrnn.config import ModelConfig
@@ -45,6 +46,7 @@ def without(stack: ExitStack, parts: tuple[str, ...]) -> None:
 
 
 def main() -> None:
+    faults.refuse_in_measurements("benchmarks.checkpoint_cost")
     from accelerate import Accelerator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks.bench import machine
 from devtools.readme import replace_block
+from distrnn import faults
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "readme_results.json"
@@ -95,6 +96,7 @@ def write_readme(results: dict) -> None:
 
 
 def main() -> None:
+    faults.refuse_in_measurements("benchmarks.results_table")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DISTRNN_DATA_DIR", "./data"))
     parser.add_argument("--render", action="store_true", help="only rewrite the README table from the saved results")

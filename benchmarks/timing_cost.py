@@ -24,6 +24,8 @@ from unittest import mock
 
 from benchmarks.bench import machine
 
+from distrnn import faults
+
 
 def timed_steps(trainer, steps: int) -> float:
     """Seconds for `steps` optimizer steps (train_step + after_step, logging every log_every as in a run), from
@@ -54,6 +56,7 @@ def per_step_calls(timing, log_every: int, repeats: int = 20_000) -> float:
 
 
 def main() -> None:
+    faults.refuse_in_measurements("benchmarks.timing_cost")
     from accelerate.state import AcceleratorState
 
     from distrnn import rank_timing

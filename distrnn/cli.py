@@ -11,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from distrnn import devices, engines, processes
+from distrnn import devices, engines, faults, processes
 from distrnn.config import default_data_dir, load_config
 from distrnn.devices import check_precision
 from distrnn.errors import DistrnnError, debug_enabled, run_cli
@@ -175,6 +175,7 @@ def env_command() -> None:
                    f"{'native' if devices.gpu_bf16_supported() else 'no'})")
     click.echo(f"data dir     {default_data_dir()}")
     click.echo(f"engine       {engines.detect().describe()}")
+    click.echo(f"faults       {faults.injected() or 'none'} (DISTRNN_FAULTS: test fault injection)")
     click.echo(f"precision    {devices.choose_precision('auto', on_cpu=gpus == 0).describe()}")
     try:
         plan = processes.plan("auto", None, gpus)

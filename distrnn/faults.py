@@ -36,6 +36,25 @@ def _active() -> dict[str, str]:
     return faults
 
 
+def injected() -> str | None:
+    """DISTRNN_FAULTS as set in this process, or None: recorded in summary.json and shown by distrnn env."""
+    return os.environ.get("DISTRNN_FAULTS", "").strip() or None
+
+
+def announcement(rank: int) -> str | None:
+    """One line from each process that runs with faults: a DISTRNN_FAULTS left in a shell is never silent."""
+    value = injected()
+    return (f"warning: DISTRNN_FAULTS={value} is set on rank {rank}: test faults are injected into this run; unset it "
+            "for a real run") if value else None
+
+
+def refuse_in_measurements(program: str) -> None:
+    """Benchmarks and results tables measure real runs: faults in their environment would change every number."""
+    if value := injected():
+        raise SystemExit(f"{program}: DISTRNN_FAULTS={value} is set and would inject test faults into what is "
+                         "measured; unset it (env -u DISTRNN_FAULTS ...) and run again")
+
+
 def fail_save() -> None:
     if "save-oserror" in _active():
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))

@@ -73,6 +73,9 @@ class Trainer:
                  f"{self.precision.describe()}, global batch {self.global_batch} ({per_process} per process x "
                  f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}\n--- "
                  f"resolved config ---\n{cfg.to_yaml()}-----------------------\nmodel: {count_parameters(model):,} parameters")
+        if announcement := faults.announcement(accelerator.process_index):  # every rank: one write, not interleaved
+            sys.stdout.write(announcement + "\n")
+            sys.stdout.flush()
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
         self.log = agree(accelerator, lambda: self._start_locally(meta, model))
@@ -285,7 +288,7 @@ class Trainer:
             **summary(train_acc, test), "train_seconds": seconds, "eval_seconds": self.evaluator.seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
             "global_batch": self.global_batch, "steps": self.position.global_step,
-            "precision": self.precision.to_dict(),
+            "precision": self.precision.to_dict(), "faults": faults.injected(),
             "num_processes": self.accelerator.num_processes,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda" else None,

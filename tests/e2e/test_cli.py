@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from distrnn import processes
@@ -81,3 +83,25 @@ def test_env_reports_versions_and_launch_config():
     from distrnn import devices  # the CPU line names torch's capability and whether bf16 is native here
     native = devices.cpu_bf16_native()
     assert f", {torch.backends.cpu.get_cpu_capability()}, bf16: {native or 'emulated'}" in result.stdout
+
+
+def test_faults_left_in_the_environment_are_never_silent(tmp_path, data_dir):
+    """DISTRNN_FAULTS left in a shell: each process of a run says so, summary.json and distrnn env record it, and
+    the benchmarks and the results table refuse to measure with it."""
+    faults = {"DISTRNN_FAULTS": "slow-rank=7:1"}  # rank 7 does not exist: nothing else changes
+    result = distrnn("train", "--mode", "cpu", "--num-processes", "2", "--config", "smoke", "--epochs", "1",
+                     "--no-wandb", "--set", "data.train_samples=256", "--set", "data.test_samples=500", "--set",
+                     "train.eval_train_set=false", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
+                     env=faults, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = sorted(line for line in result.stdout.splitlines() if line.startswith("warning: DISTRNN_FAULTS="))
+    assert said == [f"warning: DISTRNN_FAULTS=slow-rank=7:1 is set on rank {r}: test faults are injected into this "
+                    "run; unset it for a real run" for r in (0, 1)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["faults"] == "slow-rank=7:1"
+    assert "faults       slow-rank=7:1" in distrnn("env", env=faults, timeout=120).stdout
+    for program in ("benchmarks.bench", "benchmarks.results_table"):  # (checkpoint_cost, timing_cost: the same call)
+        refused = run([str(BIN / "python"), "-m", program], env=faults, timeout=120)
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (f"{program}: DISTRNN_FAULTS=slow-rank=7:1 is set and would inject test "
+                                          "faults into what is measured; unset it (env -u DISTRNN_FAULTS ...) and "
+                                          "run again")
