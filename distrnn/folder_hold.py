@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from distrnn import faults
 from distrnn.errors import DistrnnError
 
 RUN_ID_VARIABLE = "DISTRNN_RUN_ID"  # set by distrnn's launchers for their workers
@@ -120,6 +121,7 @@ class FolderHold:
                 raise DistrnnError(f"{self.path.parent} is in use by another run ({other.describe()}); pass another "
                                    f"--output-dir (if that run is gone, remove {self.path.name}: README, Checkpoint "
                                    "integrity)")
+            faults.pause_before_takeover()
             if self._take_over():
                 warnings.append(f"took over the stale hold on {self.path.parent} "
                                 f"({other.describe() if other else 'unreadable'}): {why}")
