@@ -160,11 +160,16 @@ def _train(config: dict[str, Any]) -> None:
 
     os.environ.update(config["env"])
     checkpoint = ray.train.get_checkpoint()
-    known = checkpoint is not None and Path(checkpoint.path).is_dir()
-    args = [*config["args"], *(["--resume", checkpoint.path] if known else [])]
+    args = restart_args(config["args"], checkpoint.path if checkpoint is not None else None)
     code = exit_status(run_cli(ray_worker, prog="distrnn.train", args=args))
     if code:
         raise WorkerFailed(code)
+
+
+def restart_args(args: list[str], ray_checkpoint: str | None) -> list[str]:
+    """A worker's arguments: the launcher's, and on a restart the checkpoint to resume from."""
+    known = ray_checkpoint is not None and Path(ray_checkpoint).is_dir()
+    return [*args, *(["--resume", ray_checkpoint] if known else [])]
 
 
 def _report(path: Path, step: int) -> None:
