@@ -12,6 +12,8 @@ should have them; unset in every real run:
     slow-rank=R:MS      rank R spends MS milliseconds more in every step's compute (a slow node)
     sample-ledger=DIR   each rank appends the training indices of every batch, by epoch and optimizer step, to
                         DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
+    takeover-pause=DIR  a run that judged a folder's hold stale writes DIR/judged-PID and waits (at most 60 s)
+                        for DIR/go-PID before taking it over: the tests order two runs racing for one hold
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def record_samples(epoch: int, step: int, indices) -> None:
 
 def delay_publish() -> None:
     time.sleep(float(_active().get("publish-delay", "0") or 0))
+
+
+def pause_before_takeover() -> None:
+    folder = _active().get("takeover-pause")
+    if not folder:
+        return
+    pid = os.getpid()
+    with open(os.path.join(folder, f"judged-{pid}"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(folder, f"go-{pid}")) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def flatten_like_cudnn(rnn: nn.RNNBase) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,22 +85,42 @@ def read_idx(path: Path) -> torch.Tensor:
 
 
 def download(data_dir: str | Path, missing: list[str]) -> None:
-    """torchvision's downloader (its mirrors and checksums); one line if it cannot."""
+    """torchvision's downloader (its mirrors and checksums) into a folder of this process's own, then each
+    missing file renamed into MNIST/raw once all four pass check_files; one line if it cannot.
+
+    Several processes may download at once (each node's local main process, on a file system they share):
+    torchvision writes and extracts in place, so one process found another's file half written (or
+    truncated it while the other read it). Here each downloads alone, and a rename, atomic on local
+    disks, NFS and Lustre, puts a complete file in place; a file already there is not touched."""
+    raw = raw_dir(data_dir)
+    own = raw.parent / f".download-{socket.gethostname()}-{os.getpid()}"
+    try:
+        _fetch(own, missing, raw)
+        for train in (True, False):
+            check_files(raw_dir(own), train)
+        for name in missing:
+            os.replace(raw_dir(own) / name, raw / name)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _fetch(root: Path, missing: list[str], raw: Path) -> None:
+    """All four files into root/MNIST/raw."""
     from torchvision import datasets
 
     printed = io.StringIO()
     try:
+        raw.mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(printed):  # torchvision prints each mirror it tries
             for train in (True, False):
-                datasets.MNIST(str(Path(data_dir).expanduser()), train=train, download=True)
+                datasets.MNIST(str(root), train=train, download=True)
     except Exception as e:
         # The last mirror's error (e.g. "<urlopen error [Errno 111] Connection refused>") says why; the
         # first line ("Error downloading train-images-idx3-ubyte.gz:") does not.
         lines = [line.strip() for line in (printed.getvalue() + str(e)).splitlines() if line.strip()]
         reason = (lines[-1] if lines else type(e).__name__)[:80]
-        raise DistrnnError(f"MNIST not found in {raw_dir(data_dir)} ({len(missing)} of 4 IDX files missing; "
-                           f"download failed: {reason}); put them there or point --data-dir at a folder holding "
-                           "MNIST/raw") from None
+        raise DistrnnError(f"MNIST not found in {raw} ({len(missing)} of 4 IDX files missing; download failed: "
+                           f"{reason}); put them there or point --data-dir at a folder holding MNIST/raw") from None
 
 
 @dataclass

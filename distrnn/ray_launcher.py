@@ -4,9 +4,8 @@ Ray sets up the process group and the environment Accelerate reads (RANK, WORLD_
 MASTER_ADDR, ...); there is no torchrun inside. The run folder is Ray's run folder (its storage: a file
 system every node shares, as for the other launchers). Each verified distrnn checkpoint is reported to Ray
 where it lies (not copied: CheckpointUploadMode.NO_UPLOAD), so after a worker or a node is lost Ray restarts
-the workers (FailureConfig max_failures) and they resume from Ray's latest checkpoint; one published but not
-yet registered by Ray when the failure came is found by distrnn's own resume (the newest verified one in
-the run folder). W&B and the exact counts come from the main worker only, as everywhere. A range of
+the workers (FailureConfig max_failures) and they resume from the run folder's newest verified checkpoint:
+Ray's latest registered one, or a newer one published but not yet registered by Ray when the failure came. W&B and the exact counts come from the main worker only, as everywhere. A range of
 workers (`--num-workers 2-4`) is Ray Train's elastic mode (Ray 2.60: ScalingConfig(num_workers=(min, max))):
 distrnn resumes on the new number of workers with the global batch kept (elastic.py).
 
@@ -154,17 +153,28 @@ def ray_worker(config_file: str | None, **params: Any) -> None:
 
 
 def _train(config: dict[str, Any]) -> None:
-    """Each Ray worker: the worker's own entry point, resuming from Ray's latest checkpoint if there is one
-    (and it is still there: checkpoint.keep may have rotated it out after a newer one, then resume finds that)."""
+    """Each Ray worker: the worker's own entry point, resuming on a restart (restart_args)."""
     import ray.train
 
     os.environ.update(config["env"])
     checkpoint = ray.train.get_checkpoint()
-    known = checkpoint is not None and Path(checkpoint.path).is_dir()
-    args = [*config["args"], *(["--resume", checkpoint.path] if known else [])]
+    args = restart_args(config["args"], checkpoint.path if checkpoint is not None else None)
     code = exit_status(run_cli(ray_worker, prog="distrnn.train", args=args))
     if code:
         raise WorkerFailed(code)
+
+
+def restart_args(args: list[str], ray_checkpoint: str | None) -> list[str]:
+    """A worker's arguments: the launcher's, and on a restart (Ray has registered a checkpoint) a resume
+    from the run folder holding it, that is from its newest checkpoint that verifies, chosen by the main
+    process: Ray's latest registered one, or a newer one published before the failure but not yet
+    registered (Ray's may also have been rotated out by checkpoint.keep). Given as the last KEY=VALUE,
+    after the launcher's own (`-- KEY=VALUE ...`, where an option would be read as an override) and
+    winning over a --resume of the first start."""
+    if ray_checkpoint is None:
+        return list(args)
+    run_folder = Path(ray_checkpoint).parents[1]  # RUN/checkpoints/step-N: reported in place (NO_UPLOAD)
+    return [*args, *([] if "--" in args else ["--"]), f"checkpoint.resume={run_folder}"]
 
 
 def _report(path: Path, step: int) -> None:

@@ -189,11 +189,11 @@ class Trainer:
         self.progress.timing.restart()  # checks, logs, saves and evaluations are not waiting for data
 
     def stop_if_requested_or_nonfinite(self) -> None:
-        """Collective: one host read and one tiny all-reduce, so that every rank stops at the same step on
-        a stop request (after saving a checkpoint: StoppedOnRequest) and on a non-finite loss or gradient
-        (whose update the guard has kept out of the weights: DistrnnError)."""
-        stop, bad_losses, bad_grads = dist_sum(self.accelerator, self.stop_request.signal is not None,
-                                               *self.guard.flags())
+        """Collective (one host read, one tiny all-reduce): every rank stops at the same step on a stop request
+        (after saving a checkpoint), a hold another run took (saving nothing), a non-finite loss or gradient."""
+        stop, lost, bad_losses, bad_grads = dist_sum(self.accelerator, self.stop_request.signal is not None,
+                                                     self.hold.lost is not None, *self.guard.flags())
+        self.hold.stop_if_lost(lost, self.position.global_step)
         if bad_losses or bad_grads:
             loss_step, loss_value, grad_step = self.guard.read()
             agree(self.accelerator, lambda: raise_nonfinite(self.accelerator, self.model, self.guard, self.folder,

@@ -8,9 +8,14 @@ import sys
 
 import pytest
 
+from distrnn.checkpoint import find_resume
+from distrnn.config import Config, load_config
 from distrnn.errors import ConfigError
-from distrnn.ray_launcher import WorkerFailed, outcome, worker_counts
-from tests.helpers import distrnn, one_line_error
+from distrnn.options import CONFIG_OPTIONS, overrides_from, to_args
+from distrnn.ray_launcher import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
+from distrnn.run_folder import RunFolder
+from tests.helpers import distrnn, flip_byte, one_line_error
+from tests.unit.test_integrity import published
 
 
 def test_a_plain_install_imports_nothing_of_ray():
@@ -89,3 +94,48 @@ def test_workers_that_exited_give_their_status():
 
 def test_a_controller_failure_is_one_line_and_exit_1():
     assert outcome(Exception("the controller failed\ndetails")) == (1, "the controller failed")
+
+
+# --- what a restarted worker resumes from -------------------------------------------------------------
+
+def worker_config(args: list[str]) -> Config:
+    """The config a Ray worker trains with, parsed by the worker's own command (ray_worker) from `args`."""
+    params = ray_worker.make_context("distrnn.train", list(args)).params
+    return load_config(params.pop("config_file"), overrides_from(params))
+
+
+def launcher_args(*given: str) -> list[str]:
+    """What `distrnn train --launcher ray ...` forwards to its workers for the options and KEY=VALUE `given`."""
+    return to_args(CONFIG_OPTIONS, ray_worker.make_context("distrnn train", list(given)).params)
+
+
+def test_a_restart_keeps_the_positional_overrides(tmp_path):
+    """Before: `--resume PATH` came after `-- train.epochs=1`, and the restarted worker stopped with
+    "override '--resume' must look like key=value"."""
+    run = RunFolder(tmp_path / "run")
+    published(run, 20)
+    args = launcher_args("--output-dir", str(run.root), "train.epochs=1")
+    assert args[-2:] == ["--", "train.epochs=1"]
+    cfg = worker_config(restart_args(args, str(run.checkpoint(20).path)))
+    assert cfg.train.epochs == 1
+    assert find_resume(run, cfg.checkpoint.resume)[0].path == run.checkpoint(20).path
+
+
+@pytest.mark.parametrize("given", [(), ("--resume", "never"), ("checkpoint.resume=never",)])
+def test_a_restart_resumes_from_the_newest_verified_checkpoint_not_rays_latest_registered_one(tmp_path, given):
+    """Ray registered step 20; step 40 was published before the failure (not yet registered), step 60 was
+    damaged since. Before: the restart resumed from step 20, Ray's, whatever the run folder held."""
+    run = RunFolder(tmp_path / "run")
+    for step in (20, 40, 60):
+        published(run, step)
+    flip_byte(run.checkpoint(60).path / "optimizer.bin")
+    cfg = worker_config(restart_args(launcher_args("--output-dir", str(run.root), *given),
+                                     str(run.checkpoint(20).path)))
+    found, warnings = find_resume(run, cfg.checkpoint.resume)
+    assert found.path == run.checkpoint(40).path
+    assert any("is damaged" in warning for warning in warnings)
+
+
+def test_a_first_start_resumes_as_the_user_asked(tmp_path):
+    args = launcher_args("--output-dir", str(tmp_path / "run"), "--resume", "never", "train.epochs=1")
+    assert restart_args(args, None) == args
