@@ -12,6 +12,8 @@ should have them; unset in every real run:
     slow-rank=R:MS      rank R spends MS milliseconds more in every step's compute (a slow node)
     sample-ledger=DIR   each rank appends the training indices of every batch, by epoch and optimizer step, to
                         DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
+    hold-launcher=FILE  the launcher, once its workers ended, waits until FILE exists (at most HOLD_LAUNCHER_S),
+                        as torchrun's exit barrier holds it while other machines finish
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 from distrnn.errors import DistrnnError
+
+HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
 
 def _active() -> dict[str, str]:
@@ -96,3 +100,10 @@ def run_rnn_as_on_a_gpu() -> None:
 
     choose = model.rnn_dtype_outside_autocast
     model.rnn_dtype_outside_autocast = lambda device_type, enabled, dtype: choose("cuda", enabled, dtype)
+
+
+def hold_launcher() -> None:
+    path = _active().get("hold-launcher")
+    deadline = time.monotonic() + HOLD_LAUNCHER_S
+    while path and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
