@@ -52,8 +52,11 @@ class _Agent(threading.Thread):
     def run(self) -> None:
         import torch.distributed.run as torchrun
 
+        from distrnn import faults
+
         try:
             torchrun.run(torchrun.get_args_parser().parse_args(self.args()))
+            faults.hold_launcher()
         except BaseException as e:  # handed to the main thread, which decides what it means
             self.error = e
 
@@ -80,14 +83,21 @@ class _Signals:
     def __init__(self) -> None:
         self.ending: signal.Signals | None = None  # SIGINT, SIGHUP or SIGQUIT, once received
         self.ending_since = 0.0
+        self.workers_seen = False  # this start's workers existed: without them now, they have ended
+        self.late_stop: signal.Signals | None = None  # a stop request that came after the workers ended
         self._previous: dict[signal.Signals, object] = {}
 
     def handle(self, signum: int, frame: object) -> None:
         sig = signal.Signals(signum)
         if sig in STOP_SIGNALS:
-            if not workers():
+            if workers():
+                signal_workers(FORWARDED[sig])
+            elif self.workers_seen:  # in torchrun's exit barrier or its clean-up: the agent's outcome decides
+                self.late_stop = self.late_stop or sig
+                print(f"distrnn: {sig.name} came after the workers ended; waiting for their outcome (a finished "
+                      "run exits 0)", file=sys.stderr, flush=True)
+            else:
                 raise _StartupStopped(sig)
-            signal_workers(FORWARDED[sig])
             return
         self.ending, self.ending_since = self.ending or sig, self.ending_since or time.monotonic()
         if not workers():
@@ -134,9 +144,14 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
     if not debug_enabled():
         _quiet_torchrun_agent()
     for restart in range(max_restarts + 1):
-        error, ending = _run_once(args, env)
+        error, ending, late_stop = _run_once(args, env)
         if ending:
             return 128 + int(ending)
+        if late_stop and isinstance(error, ChildFailedError) and retryable(error):
+            print(f"distrnn: stopped by {late_stop.name} after {describe_failure(error)}, instead of restarting; "
+                  "run the same command again to resume from the newest checkpoint that verifies",
+                  file=sys.stderr, flush=True)
+            return REQUEUE_EXIT_CODE
         if restart < max_restarts and isinstance(error, ChildFailedError) and retryable(error):
             print(f"distrnn: restart {restart + 1} of {max_restarts} after {describe_failure(error)}; resuming "
                   "from the newest checkpoint that verifies", file=sys.stderr, flush=True)
@@ -145,19 +160,22 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
     raise AssertionError("unreachable")
 
 
-def _run_once(args: Callable[[], list[str]], env: dict[str, str]) -> tuple[BaseException | None, signal.Signals | None]:
-    """One start of torchrun's agent: what it raised, and the ending signal if one came (SIGINT, ...)."""
+def _run_once(args: Callable[[], list[str]], env: dict[str, str]
+              ) -> tuple[BaseException | None, signal.Signals | None, signal.Signals | None]:
+    """One start of torchrun's agent: what it raised, the ending signal if one came (SIGINT, ...), and a stop
+    request that came after the workers ended (they finished, or failed: no restart then)."""
     agent, signals = _Agent(args), _Signals()
     with environment({**env, FORWARDED_VARIABLE: "1"}), signals.installed():
         try:
             agent.start()
             while agent.is_alive():
                 agent.join(0.2)
+                signals.workers_seen = signals.workers_seen or bool(workers())
                 if signals.ending and time.monotonic() - signals.ending_since > KILL_AFTER_S:
                     signal_workers(signal.SIGKILL, group=True)
         except _StartupStopped as e:
             _abandon_startup(e.signal)
-    return agent.error, signals.ending
+    return agent.error, signals.ending, signals.late_stop
 
 
 def _abandon_startup(sig: signal.Signals) -> None:

@@ -160,16 +160,21 @@ def prune(folder: RunFolder, keep: int) -> None:
     integrity.fsync_folder(folder.checkpoints)
 
 
-def newest_verified(folder: RunFolder) -> tuple[CheckpointFolder | None, list[str]]:
-    """The newest checkpoint that verifies, and warnings: incomplete ones passed over, damaged ones set aside."""
+def newest_verified(folder: RunFolder, held: bool) -> tuple[CheckpointFolder | None, list[str]]:
+    """The newest checkpoint that verifies, and warnings: incomplete ones passed over, damaged ones set aside
+    (`held`: this run holds the folder) or passed over where they are (another run's folder: never changed)."""
     found = folder.all_checkpoints()
     warnings = [f"skipping incomplete checkpoint {c.path} (a save was interrupted)" for c in found if not c.is_complete()]
     for checkpoint in reversed([c for c in found if c.is_complete()]):
         what = integrity.damage(checkpoint.path, checkpoint.meta)
         if what is None:
             return checkpoint, warnings
-        aside = integrity.set_aside(checkpoint.path)
-        warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); set aside as {aside.name}")
+        if held:
+            aside = integrity.set_aside(checkpoint.path)
+            warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); set aside as {aside.name}")
+        else:
+            warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); passed over and left as it is "
+                            "(another run's folder)")
     return None, warnings
 
 
@@ -177,6 +182,7 @@ def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None
     """The checkpoint `--resume auto|never|PATH` selects, and warnings to print."""
     if resume == "never":
         return None, []
+    held = True  # the run's own folder (--resume auto)
     if resume != "auto":
         given = CheckpointFolder(Path(resume))
         if given.is_complete():
@@ -185,8 +191,9 @@ def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None
                 raise DistrnnError(f"--resume {resume}: that checkpoint is damaged ({what}); pass another, or a run "
                                    "folder, or --resume never")
             return given, []
-        folder = RunFolder(resume)
-    found, warnings = newest_verified(folder)
+        given_folder = RunFolder(resume)
+        held, folder = given_folder.root.resolve() == folder.root.resolve(), given_folder
+    found, warnings = newest_verified(folder, held)
     if found is None and resume != "auto":
         raise DistrnnError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/step-* folder "
                            "or a run folder that has one, or --resume never")
@@ -249,6 +256,7 @@ class Checkpointer:
                  on_saved: OnSaved | None = None):
         self.accelerator, self.cfg, self.folder, self.hold, self.on_saved = accelerator, cfg, folder, hold, on_saved
         self.requested = (cfg.train.batch_size, cfg.train.grad_accum_steps)  # as first started: resume_point
+        self.written: set[Path] = set()  # the checkpoints of this run: resumed from (resume_point) or saved here
         self.say = main_print(accelerator)
         self.bytes = estimated_bytes(parameters, accelerator.num_processes)
         accelerator.register_save_state_pre_hook(untie_weights)
@@ -270,9 +278,12 @@ class Checkpointer:
                              else (elastic.of(cfg, acc.num_processes), None))
             self.requested = elastic.requested(meta, cfg)
             chosen = elastic.apply(cfg, layout)
-            self.folder.prepare(chosen.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20)
+            aside = self.folder.prepare(chosen.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20,
+                                        start_over=cfg.checkpoint.resume == "never")
             for warning in held + warnings:
                 self.say(f"warning: {warning}")
+            if aside:
+                self.say(f"--resume never: the earlier run's files in {self.folder.root} were moved to {aside}")
             for change in changes:
                 if change.key not in ("train.batch_size", "train.grad_accum_steps"):  # said by `moved`
                     self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
@@ -281,6 +292,7 @@ class Checkpointer:
             return found, meta, chosen, self.requested
 
         found, meta, self.cfg, self.requested = from_main(acc, agree(acc, decide, here=acc.is_main_process))
+        self.written = {found.path} if found else set()
         return found, meta, self.cfg
 
     def restore(self, found: CheckpointFolder | None, meta: dict[str, Any] | None, optimizer,
@@ -311,6 +323,7 @@ class Checkpointer:
 
     def save(self, position: Position, model, wandb_id: str | None) -> Path:
         start = time.perf_counter()
+        agree(self.accelerator, lambda: self.refuse_anothers(position.global_step), here=self.accelerator.is_main_process)
         steps_in_epoch = position.step_in_epoch // self.cfg.train.grad_accum_steps
         layout = elastic.of(self.cfg, self.accelerator.num_processes).record(steps_in_epoch, self.requested)
         path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id,
@@ -318,9 +331,19 @@ class Checkpointer:
                     keep=self.cfg.checkpoint.keep, needed_bytes=self.bytes + 2**20,
                     tensors=list(self.accelerator.unwrap_model(model).state_dict()))
         self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        self.written.add(path)
         if self.on_saved is not None:
             self.on_saved(path, position.global_step)
         return path
+
+    def refuse_anothers(self, step: int) -> None:
+        """save() keeps a published step-N as it is: this run's (a stop right after a periodic save), never
+        another run's (--resume never moves an earlier run aside; --resume PATH further back than the folder's
+        newest checkpoint meets that one's successors)."""
+        existing = self.folder.checkpoint(step)
+        if existing.is_complete() and existing.path not in self.written:
+            raise DistrnnError(f"{existing.path} is another run's checkpoint of step {step}, which this run was "
+                               f"about to save; move {self.folder.checkpoints} away, or pass another --output-dir")
 
     def save_best(self, model, accuracy: float, step: int) -> None:
         """checkpoint.keep_best: the model with the best validation accuracy so far, in RUN/best/."""

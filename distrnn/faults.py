@@ -14,6 +14,8 @@ should have them; unset in every real run:
                         DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
     takeover-pause=DIR  a run that judged a folder's hold stale writes DIR/judged-PID and waits (at most 60 s)
                         for DIR/go-PID before taking it over: the tests order two runs racing for one hold
+    hold-launcher=FILE  the launcher, once its workers ended, waits until FILE exists (at most HOLD_LAUNCHER_S),
+                        as torchrun's exit barrier holds it while other machines finish
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from distrnn.errors import DistrnnError
+
+HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
 
 def _active() -> dict[str, str]:
@@ -129,3 +133,10 @@ def run_rnn_as_on_a_gpu() -> None:
 
     choose = model.rnn_dtype_outside_autocast
     model.rnn_dtype_outside_autocast = lambda device_type, enabled, dtype: choose("cuda", enabled, dtype)
+
+
+def hold_launcher() -> None:
+    path = _active().get("hold-launcher")
+    deadline = time.monotonic() + HOLD_LAUNCHER_S
+    while path and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)

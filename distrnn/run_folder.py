@@ -15,17 +15,21 @@
     RUN/profile/rank-R.json  train.profile_steps: each rank's trace
     RUN/wandb/               W&B's own folder (offline runs)
     RUN/tensorboard/         TensorBoard's event files (`tensorboard --logdir RUN/tensorboard`)
+    RUN/previous/<UTC time>/ an earlier run's files, moved there by a run started with --resume never
 
 Other modules ask this one for paths; no file name is spelled anywhere else.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from distrnn.errors import DistrnnError
+from distrnn.integrity import fsync_folder
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -132,6 +136,18 @@ class RunFolder:
         """TensorBoard's event files, hparams included (no sub-folders)."""
         return self.root / "tensorboard"
 
+    @property
+    def previous(self) -> Path:
+        """Earlier runs' files, moved aside by a run started over here (--resume never): previous/<UTC time>/."""
+        return self.root / "previous"
+
+    def run_files(self) -> list[Path]:
+        """What a run writes here, and so what a new run would overwrite or mix with, where it exists."""
+        paths = [self.config, self.metrics, self.model, self.model_safetensors, self.manifest, self.confusion_png,
+                 self.confusion_csv, self.errors_png, self.summary, self.checkpoints, self.best, self.profile,
+                 self.debug, self.wandb_parent / "wandb", self.tensorboard]
+        return [p for p in paths if p.exists() or p.is_symlink()]
+
     def checkpoint(self, step: int, tmp: bool = False) -> CheckpointFolder:
         name = f"{CHECKPOINT_PREFIX}{step:08d}"
         return CheckpointFolder(self.checkpoints / (TMP_PREFIX + name if tmp else name))
@@ -156,8 +172,9 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.summary.is_file()
 
-    def prepare(self, config_yaml: str, needed_bytes: int) -> None:
-        """Create the folder, prove it writable, check free space, and save the resolved config."""
+    def prepare(self, config_yaml: str, needed_bytes: int, start_over: bool = False) -> Path | None:
+        """Create the folder, prove it writable, move an earlier run's files aside when starting over (where
+        to: returned), check free space, and save the resolved config."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"
@@ -165,8 +182,32 @@ class RunFolder:
             probe.unlink()
         except OSError as e:
             raise DistrnnError(f"cannot write to run folder {self.root} ({e.strerror}); pass a writable --output-dir") from None
+        aside = self.move_aside_earlier_run() if start_over else None
         self.check_free_space(needed_bytes)
         self.config.write_text(config_yaml)
+        return aside
+
+    def move_aside_earlier_run(self) -> Path | None:
+        """Every file of an earlier run into previous/<UTC time>/ (never deleted); None when there was none.
+        Moved, not left beside the new run's: its checkpoints have the higher step numbers, so pruning kept
+        them and dropped the new run's, and --resume auto would have continued the earlier run."""
+        found = self.run_files()
+        if not found:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target, n = self.previous / stamp, 2
+        while target.exists():  # two starts within one second
+            target, n = self.previous / f"{stamp}-{n}", n + 1
+        try:
+            target.mkdir(parents=True)
+            for path in found:
+                os.replace(path, target / path.name)
+            fsync_folder(target)
+            fsync_folder(self.root)
+        except OSError as e:
+            raise DistrnnError(f"cannot move the earlier run in {self.root} to {target} ({e.strerror or e}); move "
+                               "it away by hand, or pass another --output-dir") from None
+        return target
 
     def check_free_space(self, needed_bytes: int) -> None:
         free = shutil.disk_usage(self.root).free
