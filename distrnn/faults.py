@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import time
 
 import torch
@@ -47,11 +48,13 @@ def injected() -> str | None:
     return os.environ.get("DISTRNN_FAULTS", "").strip() or None
 
 
-def announcement(rank: int) -> str | None:
-    """One line from each process that runs with faults: a DISTRNN_FAULTS left in a shell is never silent."""
-    value = injected()
-    return (f"warning: DISTRNN_FAULTS={value} is set on rank {rank}: test faults are injected into this run; unset it "
-            "for a real run") if value else None
+def announce(rank: int) -> None:
+    """One line from each process that runs with faults: a DISTRNN_FAULTS left in a shell is never silent. One
+    write, so that two ranks' lines are never interleaved on a shared terminal."""
+    if value := injected():
+        sys.stdout.write(f"warning: DISTRNN_FAULTS={value} is set on rank {rank}: test faults are injected into this "
+                         "run; unset it for a real run\n")
+        sys.stdout.flush()
 
 
 def refuse_in_measurements(program: str) -> None:

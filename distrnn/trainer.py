@@ -23,7 +23,7 @@ from tqdm import tqdm
 from distrnn import faults, loaders
 from distrnn.checkpoint import Checkpointer, OnSaved
 from distrnn.config import Config
-from distrnn.devices import choose_precision
+from distrnn.devices import PrecisionChoice, choose_precision
 from distrnn.distributed import agree, dist_sum, main_print
 from distrnn.evaluator import Evaluator, best_validation, metrics, patience_exhausted, summary, validation_summary
 from distrnn.folder_hold import FolderHold
@@ -46,6 +46,17 @@ def onecycle(accelerator: Accelerator, optimizer, cfg: Config, steps_per_epoch: 
         optimizer, max_lr=cfg.optim.lr, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=cfg.optim.pct_start))
 
 
+def start_lines(cfg: Config, accelerator: Accelerator, precision: PrecisionChoice, folder: RunFolder,
+                parameters: int) -> str:
+    """What a run prints first: processes, device, precision (and why), the global batch, the resolved config."""
+    processes, per_process, accumulation = accelerator.num_processes, cfg.train.batch_size, cfg.train.grad_accum_steps
+    threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
+    return (f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision {precision.describe()}, "
+            f"global batch {per_process * processes * accumulation} ({per_process} per process x {processes} x "
+            f"{accumulation} accumulation), run folder {folder.root}\n--- resolved config ---\n{cfg.to_yaml()}"
+            f"-----------------------\nmodel: {parameters:,} parameters")
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None,
                  on_checkpoint: OnSaved | None = None):
@@ -65,17 +76,10 @@ class Trainer:
         resume_from, meta, cfg = self.checkpointer.resume_point()
         self.cfg = cfg
         accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
-        processes, per_process = accelerator.num_processes, cfg.train.batch_size
-        threads = f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else ""
-        self.global_batch = per_process * processes * cfg.train.grad_accum_steps
+        self.global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
         self.precision = choose_precision(cfg.train.precision, on_cpu=accelerator.device.type == "cpu")  # as made
-        self.say(f"distrnn: {processes} process(es) on {accelerator.device}{threads}, precision "
-                 f"{self.precision.describe()}, global batch {self.global_batch} ({per_process} per process x "
-                 f"{processes} x {cfg.train.grad_accum_steps} accumulation), run folder {self.folder.root}\n--- "
-                 f"resolved config ---\n{cfg.to_yaml()}-----------------------\nmodel: {count_parameters(model):,} parameters")
-        if announcement := faults.announcement(accelerator.process_index):  # every rank: one write, not interleaved
-            sys.stdout.write(announcement + "\n")
-            sys.stdout.flush()
+        self.say(start_lines(cfg, accelerator, self.precision, self.folder, count_parameters(model)))
+        faults.announce(accelerator.process_index)
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
         self.log = agree(accelerator, lambda: self._start_locally(meta, model))
@@ -90,7 +94,8 @@ class Trainer:
         self.position = self.checkpointer.restore(resume_from, meta, self.optimizer, self.scheduler is None,
                                                   len(self.loader))
         self.scaler_skips = ScalerSkips(accelerator.scaler)  # after restore: it starts from the restored scale
-        self.progress = Progress(accelerator, per_process * processes, self.position.train_seconds)
+        self.progress = Progress(accelerator, cfg.train.batch_size * accelerator.num_processes,
+                                 self.position.train_seconds)
         self.progress.timing.attach(self.model)  # times DDP's gradient all-reduce
         self.profile = StepProfile(cfg.train.profile_steps, self.folder.profile, accelerator.process_index,
                                    accelerator.device)
