@@ -80,7 +80,7 @@ def test_yaml_float_without_dot_is_a_number(tmp_path):
         (["train.epochs=-1"], "config key 'train.epochs' must be > 0, got -1"),
         (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
         (["model.cell=transformer"], "config key 'model.cell' must be one of rnn, gru, lstm, got 'transformer'"),
-        (["train.precision=fp8"], "config key 'train.precision' must be one of no, fp16, bf16, got 'fp8'"),
+        (["train.precision=fp8"], "config key 'train.precision' must be one of auto, no, fp16, bf16, got 'fp8'"),
         (["model.recurrent_init=xavier"],
          "config key 'model.recurrent_init' must be one of pytorch, orthogonal, got 'xavier'"),
         (["optim.label_smoothing=1.0"], "config key 'optim.label_smoothing' must be in [0, 1), got 1.0"),
@@ -163,7 +163,7 @@ def test_shipped_configs_load_by_name_and_by_path(name):
 
 def test_shipped_configs_differ_where_they_say():
     fast, smoke = load_config("fast"), load_config("smoke")
-    assert (fast.train.batch_size, fast.train.precision, fast.optim.schedule) == (512, "bf16", "onecycle")
+    assert (fast.train.batch_size, fast.train.precision, fast.optim.schedule) == (512, "auto", "onecycle")
     assert (fast.train.epochs, fast.model.recurrent_init, fast.model.normalize_input, fast.optim.label_smoothing,
             fast.train.eval_train_set, fast.train.eval_every, fast.data.val_samples) == (
         2, "orthogonal", True, 0.1, False, None, 0)  # tuned on a holdout, shipped without one
