@@ -39,10 +39,15 @@ def checksum(path: Path) -> str:
     return f"xxh3_64:{digest.hexdigest()}"
 
 
+def describe(path: Path) -> dict[str, Any]:
+    """{"size", "checksum"} of one file, as verify compares them."""
+    return {"size": path.stat().st_size, "checksum": checksum(path)}
+
+
 def record(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "checksum"}} of every file under `folder` but `leave_out`."""
+    """{relative path: describe(file)} of every file under `folder` but `leave_out`."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in leave_out)
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "checksum": checksum(p)} for p in files}
+    return {str(p.relative_to(folder)): describe(p) for p in files}
 
 
 def verify(folder: Path, files: dict[str, dict[str, Any]]) -> None:

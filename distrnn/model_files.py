@@ -32,8 +32,9 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], folder: R
     torch.save({"model": weights, "config": config}, folder.model)
     save_file(weights, str(folder.model_safetensors), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
     integrity.give_ordinary_mode(folder.model_safetensors)
-    # Each file's size and checksum, so that a torn or changed file is named before it is used (load_model).
-    files = {p.name: integrity.record(p.parent)[p.name] for p in (folder.model, folder.model_safetensors)}
+    # Each file's size and checksum, so that a torn or changed file is named before it is used (load_model). These
+    # two alone: the run folder also holds checkpoints and W&B's files, which W&B may be writing or removing.
+    files = {p.name: integrity.describe(p) for p in (folder.model, folder.model_safetensors)}
     folder.manifest.write_text(json.dumps({"files": files}, indent=2) + "\n")
     for path in (folder.model, folder.model_safetensors, folder.manifest):
         integrity.fsync_file(path)

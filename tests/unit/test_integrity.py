@@ -102,6 +102,50 @@ def test_model_files_are_verified_against_their_manifest(tmp_path):
     load_model(run.model_safetensors)  # the other file is intact, and usable
 
 
+def run_folder_in_use(tmp_path) -> RunFolder:
+    """A run folder as save_model finds it at the end of a run: W&B, TensorBoard and checkpoints beside it."""
+    run = RunFolder(tmp_path / "run")
+    for name in ("wandb/offline-run-1/files/output.log", "tensorboard/events.out.tfevents.1",
+                 "checkpoints/step-00000020/optimizer.bin"):
+        (run.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.root / name).write_bytes(os.urandom(1000))
+    return run
+
+
+def save_default_model(run: RunFolder) -> None:
+    from distrnn.config import Config
+    from distrnn.model import StackedRNN
+    from distrnn.model_files import save_model
+
+    save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
+
+
+def test_the_model_record_reads_the_model_files_alone(tmp_path, monkeypatch):
+    """Reading every checkpoint again at the end of a run costs as much as they weigh, for nothing."""
+    run = run_folder_in_use(tmp_path)
+    read, checksum = [], integrity.checksum
+    monkeypatch.setattr(integrity, "checksum", lambda path: read.append(path.name) or checksum(path))
+    save_default_model(run)
+    assert sorted(read) == ["model.pt", "model.safetensors"]
+    assert sorted(json.loads(run.manifest.read_text())["files"]) == ["model.pt", "model.safetensors"]
+
+
+def test_a_file_vanishing_from_the_run_folder_during_the_record_does_not_fail_it(tmp_path, monkeypatch):
+    """W&B is still writing in RUN/wandb when the final model is saved: a file it removes meanwhile is none of
+    the manifest's business."""
+    run = run_folder_in_use(tmp_path)
+    log, checksum = run.root / "wandb/offline-run-1/files/output.log", integrity.checksum
+
+    def while_w_and_b_removes_its_log(path):
+        log.unlink(missing_ok=True)
+        return checksum(path)
+
+    monkeypatch.setattr(integrity, "checksum", while_w_and_b_removes_its_log)
+    save_default_model(run)
+    monkeypatch.undo()
+    load_model(run.root)
+
+
 # --- the hold ---------------------------------------------------------------------------------------
 
 def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, monkeypatch):
