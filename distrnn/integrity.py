@@ -68,13 +68,14 @@ def verify(folder: Path, files: dict[str, dict[str, Any]]) -> None:
 
 def damage(folder: Path, record_file: Path) -> str | None:
     """What is wrong with `folder`, whose files `record_file` (JSON, "files": record(...)) describes; None when
-    every file is as recorded, or when nothing was recorded (written before distrnn recorded checksums)."""
+    every file is as recorded. A record without "files" is wrong too: distrnn writes them with every checkpoint,
+    so such a file was edited (or is older than the checksums), and passing it would verify nothing."""
     try:
         files = json.loads(record_file.read_text()).get("files")
     except (OSError, ValueError, AttributeError) as e:
         return f"{record_file.name} cannot be read ({getattr(e, 'strerror', None) or e})"
     if files is None:
-        return None
+        return f"{record_file.name} records no file sizes and checksums, which distrnn writes with every checkpoint"
     try:
         verify(folder, files)
     except Damaged as e:

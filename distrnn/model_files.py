@@ -55,19 +55,36 @@ def save_model_folder(state: dict[str, torch.Tensor], config: dict[str, Any], pa
 
 
 def check_recorded(path: Path) -> None:
-    """A model file written with a manifest (RUN/manifest.json, best/manifest.json) is as recorded there."""
-    manifest = RunFolder(path.parent).manifest
+    """A model file is as recorded in the manifest.json beside it (RUN/, best/). distrnn writes one with every
+    model file, so where distrnn saved a model, a manifest missing or silent about the file is refused: deleting
+    it must not turn the check off. A model file by itself (copied, or edited) has no record to be checked by."""
+    folder = RunFolder(path.parent)
+    manifest = folder.manifest
+    if not manifest.is_file() and not saved_by_distrnn(folder):
+        return
     if not manifest.is_file():
-        return  # written before distrnn recorded checksums, or a file from elsewhere
+        raise DistrnnError(unverifiable(path, f"{manifest} is missing"))
     try:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
         raise DistrnnError(f"'{manifest}', the record of {path.name}'s checksum, cannot be read ({e})") from None
+    if path.name not in files:
+        raise DistrnnError(unverifiable(path, f"{manifest} does not record it"))
     try:
-        integrity.verify(path.parent, {path.name: files[path.name]} if path.name in files else {})
+        integrity.verify(path.parent, {path.name: files[path.name]})
     except integrity.Damaged as e:
         raise DistrnnError(f"'{path}' is damaged ({e}); use another copy, or a checkpoint of the run "
                            "(--checkpoint RUN/checkpoints/step-N)") from None
+
+
+def saved_by_distrnn(folder: RunFolder) -> bool:
+    """A folder save_model wrote (RUN/, best/): both model files are there, or a finished run's summary.json."""
+    return (folder.model.is_file() and folder.model_safetensors.is_file()) or folder.is_finished()
+
+
+def unverifiable(path: Path, why: str) -> str:
+    return (f"'{path}' cannot be verified: {why} (distrnn writes it with every model file); copy it along with the "
+            "model file, or use a checkpoint of the run (--checkpoint RUN/checkpoints/step-N)")
 
 
 def load_model(source: str | Path) -> tuple[StackedRNN, Config]:

@@ -8,7 +8,11 @@ import stat
 
 import pytest
 
-from tests.helpers import distrnn
+from distrnn.config import Config
+from distrnn.model import StackedRNN
+from distrnn.model_files import save_model
+from distrnn.run_folder import RunFolder
+from tests.helpers import distrnn, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +57,22 @@ def test_published_files_are_readable_as_the_umask_allows(tmp_path, data_dir):
     modes = {str(p.relative_to(run)): oct(stat.S_IMODE(p.stat().st_mode)) for p in published}
     assert modes == dict.fromkeys(modes, oct(ordinary_mode()))
 
+
+
+def test_a_run_folder_without_its_manifest_is_refused_by_every_command_that_loads_it(tmp_path):
+    """Deleting RUN/manifest.json must not turn the model files' checksum check off."""
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
+    run.manifest.unlink()
+    image = tmp_path / "digit.npy"
+    image.write_bytes(b"")  # never read: the model is refused first
+    commands = {"evaluate": ["--mode", "cpu"], "predict": [str(image)],
+                "export": ["--format", "torchscript", "--output", str(tmp_path / "exported.pt")]}
+    for command, args in commands.items():
+        result = distrnn(command, "--checkpoint", str(run.root), *args, timeout=300)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert one_line_error(result).split(": error: ", 1)[1] == (
+            f"'{run.model}' cannot be verified: {run.manifest} is missing (distrnn writes it with every model file); "
+            "copy it along with the model file, or use a checkpoint of the run (--checkpoint RUN/checkpoints/step-N)")
+    assert not (tmp_path / "exported.pt").exists()

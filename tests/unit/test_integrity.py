@@ -45,6 +45,8 @@ def folder(tmp_path) -> RunFolder:
     (lambda c: (c.path / "random_states_1.pkl").unlink(), "random_states_1.pkl is missing"),
     (lambda c: c.meta.write_text('{"position": '), "meta.json cannot be read (Expecting value: line 1 column 14 "
                                                    "(char 13))"),
+    (lambda c: c.meta.write_text(json.dumps({"position": {"epoch": 0, "step_in_epoch": 60, "global_step": 60}})),
+     "meta.json records no file sizes and checksums, which distrnn writes with every checkpoint"),
 ])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_chosen(folder, damage, what):
     damage(folder.checkpoint(60))
@@ -100,6 +102,28 @@ def test_model_files_are_verified_against_their_manifest(tmp_path):
                             "written)); use another copy, or a checkpoint of the run (--checkpoint "
                             "RUN/checkpoints/step-N)")
     load_model(run.model_safetensors)  # the other file is intact, and usable
+
+
+@pytest.mark.parametrize("lose_the_record, why", [
+    (lambda run: run.manifest.unlink(), "{manifest} is missing"),
+    (lambda run: run.manifest.write_text(json.dumps({"files": {}})), "{manifest} does not record it"),
+])
+def test_a_model_file_whose_record_is_gone_is_refused_not_trusted(tmp_path, lose_the_record, why):
+    """distrnn writes manifest.json with every model file: without it the checksum check would be off, silently."""
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    save_default_model(run)
+    lose_the_record(run)
+    for given, path in [(run.root, run.model), (run.model_safetensors, run.model_safetensors)]:
+        with pytest.raises(DistrnnError) as e:
+            load_model(given)
+        assert str(e.value) == (f"'{path}' cannot be verified: {why.format(manifest=run.manifest)} (distrnn writes "
+                                "it with every model file); copy it along with the model file, or use a checkpoint "
+                                "of the run (--checkpoint RUN/checkpoints/step-N)")
+    alone = tmp_path / "elsewhere" / "model.pt"  # copied by itself (or edited by hand): no record to check it by
+    alone.parent.mkdir()
+    alone.write_bytes(run.model.read_bytes())
+    load_model(alone)
 
 
 def run_folder_in_use(tmp_path) -> RunFolder:
