@@ -113,7 +113,7 @@ def _save_state(accelerator: Accelerator, tmp: CheckpointFolder) -> None:
         if accelerator.is_main_process:
             integrity.give_ordinary_mode(tmp.weights)
         else:  # fsync flushes this host's writes, so its own files only (the main's: publish)
-            faults.await_main_file_in_flight(tmp.path)
+            faults.await_main_file_in_flight(tmp)
             for path in files_of_another_rank(accelerator, tmp):
                 integrity.fsync_file(path)
     except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
