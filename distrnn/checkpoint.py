@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, set_seed
 
 from distrnn import elastic, faults, integrity
 from distrnn.config import MATCH, Change, Config, changes_since
@@ -108,12 +108,25 @@ def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: 
 def _save_state(accelerator: Accelerator, tmp: CheckpointFolder) -> None:
     try:
         faults.fail_save()
+        faults.delay_main_save(accelerator.is_main_process)
         accelerator.save_state(str(tmp.path))
-        if not accelerator.is_main_process:  # its own files: fsync flushes this host's writes (the main: publish)
-            integrity.fsync_tree(tmp.path)
+        if accelerator.is_main_process:
+            integrity.give_ordinary_mode(tmp.weights)
+        else:  # fsync flushes this host's writes, so its own files only (the main's: publish)
+            faults.await_main_file_in_flight(tmp)
+            for path in files_of_another_rank(accelerator, tmp):
+                integrity.fsync_file(path)
     except OSError as e:  # the previous checkpoint is untouched: only tmp was being written
         raise DistrnnError(f"could not write checkpoint {tmp.path} ({e.strerror or e}); the previous checkpoint "
                            "is intact: free some space and run the same command again to resume") from None
+
+
+def files_of_another_rank(accelerator: Accelerator, tmp: CheckpointFolder) -> list[Path]:
+    """What save_state writes on a rank other than the main one (accelerate's save_accelerator_state): its RNG
+    states and, under fp16, scaler.pt, which every rank writes. Nothing else is its to open: the main process
+    writes model.safetensors through a temporary file and renames it, which failed a rank that fsynced it."""
+    names = [f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"] + ([SCALER_NAME] if accelerator.scaler is not None else [])
+    return [tmp.path / name for name in names]
 
 
 def untie_weights(models: list, weights: list[dict[str, Any]], output_dir: str) -> None:

@@ -6,6 +6,10 @@ should have them; unset in every real run:
     save-oserror        this process fails to write its part of a checkpoint (disk quota exceeded)
     startup-error=S:R   rank R fails at start-up stage S: checkpoint (loading it), trackers, prepare
     publish-delay=S     the main process waits S seconds between writing a checkpoint and renaming it
+    slow-open=MS        each open for an fsync costs MS milliseconds more (a metadata round trip on NFS or Lustre),
+                        the main process starts writing each checkpoint MS milliseconds late, and the other ranks
+                        go on to their fsyncs only once its temporary model.safetensors (.tmp*) is there (or
+                        renamed; at most 5 s): a rank opening a file that the main process renames under it
     cudnn-flat-weights  the RNN's weights become views of one flat buffer, as cuDNN lays them out on a GPU
     cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
     fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from distrnn.errors import DistrnnError
+from distrnn.run_folder import CheckpointFolder
 
 HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
@@ -107,6 +112,32 @@ def pause_before_takeover() -> None:
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(folder, f"go-{pid}")) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _slow_open_s() -> float:
+    return float(_active().get("slow-open", "0") or 0) / 1000
+
+
+def slow_open() -> None:
+    time.sleep(_slow_open_s())
+
+
+def delay_main_save(is_main: bool) -> None:
+    """slow-open: the main process writes late, so that the other ranks are watching the folder by then."""
+    if is_main:
+        slow_open()
+
+
+def await_main_file_in_flight(checkpoint: CheckpointFolder) -> None:
+    """slow-open, on a rank other than the main one: return once the main process's temporary
+    model.safetensors (safetensors writes it as .tmpXXXXXX, then renames it) is in `checkpoint`, or renamed
+    already (missed: no race at this save)."""
+    if not _slow_open_s():
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(name.startswith(".tmp") or name == checkpoint.weights.name
+                                                  for name in os.listdir(checkpoint.path)):
+        time.sleep(0.0001)  # the temporary file lives about 1 ms (1.1 MB for the smoke model)
 
 
 def flatten_like_cudnn(rnn: nn.RNNBase) -> None:

@@ -31,8 +31,10 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], folder: R
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state.items()}
     torch.save({"model": weights, "config": config}, folder.model)
     save_file(weights, str(folder.model_safetensors), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
-    # Each file's size and checksum, so that a torn or changed file is named before it is used (load_model).
-    files = {p.name: integrity.record(p.parent)[p.name] for p in (folder.model, folder.model_safetensors)}
+    integrity.give_ordinary_mode(folder.model_safetensors)
+    # Each file's size and checksum, so that a torn or changed file is named before it is used (load_model). These
+    # two alone: the run folder also holds checkpoints and W&B's files, which W&B may be writing or removing.
+    files = {p.name: integrity.describe(p) for p in (folder.model, folder.model_safetensors)}
     folder.manifest.write_text(json.dumps({"files": files}, indent=2) + "\n")
     for path in (folder.model, folder.model_safetensors, folder.manifest):
         integrity.fsync_file(path)
@@ -53,19 +55,36 @@ def save_model_folder(state: dict[str, torch.Tensor], config: dict[str, Any], pa
 
 
 def check_recorded(path: Path) -> None:
-    """A model file written with a manifest (RUN/manifest.json, best/manifest.json) is as recorded there."""
-    manifest = RunFolder(path.parent).manifest
+    """A model file is as recorded in the manifest.json beside it (RUN/, best/). distrnn writes one with every
+    model file, so where distrnn saved a model, a manifest missing or silent about the file is refused: deleting
+    it must not turn the check off. A model file by itself (copied, or edited) has no record to be checked by."""
+    folder = RunFolder(path.parent)
+    manifest = folder.manifest
+    if not manifest.is_file() and not saved_by_distrnn(folder):
+        return
     if not manifest.is_file():
-        return  # written before distrnn recorded checksums, or a file from elsewhere
+        raise DistrnnError(unverifiable(path, f"{manifest} is missing"))
     try:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
         raise DistrnnError(f"'{manifest}', the record of {path.name}'s checksum, cannot be read ({e})") from None
+    if path.name not in files:
+        raise DistrnnError(unverifiable(path, f"{manifest} does not record it"))
     try:
-        integrity.verify(path.parent, {path.name: files[path.name]} if path.name in files else {})
+        integrity.verify(path.parent, {path.name: files[path.name]})
     except integrity.Damaged as e:
         raise DistrnnError(f"'{path}' is damaged ({e}); use another copy, or a checkpoint of the run "
                            "(--checkpoint RUN/checkpoints/step-N)") from None
+
+
+def saved_by_distrnn(folder: RunFolder) -> bool:
+    """A folder save_model wrote (RUN/, best/): both model files are there, or a finished run's summary.json."""
+    return (folder.model.is_file() and folder.model_safetensors.is_file()) or folder.is_finished()
+
+
+def unverifiable(path: Path, why: str) -> str:
+    return (f"'{path}' cannot be verified: {why} (distrnn writes it with every model file); copy it along with the "
+            "model file, or use a checkpoint of the run (--checkpoint RUN/checkpoints/step-N)")
 
 
 def load_model(source: str | Path) -> tuple[StackedRNN, Config]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distrnn import checkpoint
+from distrnn import checkpoint, integrity
 from distrnn.config import Config, build_config
 from distrnn.errors import DistrnnError
 from distrnn.run_folder import RunFolder
@@ -19,7 +19,8 @@ def make(folder: RunFolder, step: int, complete: bool = True, tmp: bool = False,
     (ckpt.path / "model.safetensors").write_bytes(b"")
     if complete:
         ckpt.meta.write_text(json.dumps({"position": {"epoch": 0, "step_in_epoch": step, "global_step": step},
-                                         "config": (cfg or Config()).to_dict(), "num_processes": processes}))
+                                         "config": (cfg or Config()).to_dict(), "num_processes": processes,
+                                         "files": integrity.record(ckpt.path)}))
 
 
 @pytest.fixture

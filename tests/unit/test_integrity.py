@@ -45,6 +45,8 @@ def folder(tmp_path) -> RunFolder:
     (lambda c: (c.path / "random_states_1.pkl").unlink(), "random_states_1.pkl is missing"),
     (lambda c: c.meta.write_text('{"position": '), "meta.json cannot be read (Expecting value: line 1 column 14 "
                                                    "(char 13))"),
+    (lambda c: c.meta.write_text(json.dumps({"position": {"epoch": 0, "step_in_epoch": 60, "global_step": 60}})),
+     "meta.json records no file sizes and checksums, which distrnn writes with every checkpoint"),
 ])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_chosen(folder, damage, what):
     damage(folder.checkpoint(60))
@@ -100,6 +102,72 @@ def test_model_files_are_verified_against_their_manifest(tmp_path):
                             "written)); use another copy, or a checkpoint of the run (--checkpoint "
                             "RUN/checkpoints/step-N)")
     load_model(run.model_safetensors)  # the other file is intact, and usable
+
+
+@pytest.mark.parametrize("lose_the_record, why", [
+    (lambda run: run.manifest.unlink(), "{manifest} is missing"),
+    (lambda run: run.manifest.write_text(json.dumps({"files": {}})), "{manifest} does not record it"),
+])
+def test_a_model_file_whose_record_is_gone_is_refused_not_trusted(tmp_path, lose_the_record, why):
+    """distrnn writes manifest.json with every model file: without it the checksum check would be off, silently."""
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    save_default_model(run)
+    lose_the_record(run)
+    for given, path in [(run.root, run.model), (run.model_safetensors, run.model_safetensors)]:
+        with pytest.raises(DistrnnError) as e:
+            load_model(given)
+        assert str(e.value) == (f"'{path}' cannot be verified: {why.format(manifest=run.manifest)} (distrnn writes "
+                                "it with every model file); copy it along with the model file, or use a checkpoint "
+                                "of the run (--checkpoint RUN/checkpoints/step-N)")
+    alone = tmp_path / "elsewhere" / "model.pt"  # copied by itself (or edited by hand): no record to check it by
+    alone.parent.mkdir()
+    alone.write_bytes(run.model.read_bytes())
+    load_model(alone)
+
+
+def run_folder_in_use(tmp_path) -> RunFolder:
+    """A run folder as save_model finds it at the end of a run: W&B, TensorBoard and checkpoints beside it."""
+    run = RunFolder(tmp_path / "run")
+    for name in ("wandb/offline-run-1/files/output.log", "tensorboard/events.out.tfevents.1",
+                 "checkpoints/step-00000020/optimizer.bin"):
+        (run.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.root / name).write_bytes(os.urandom(1000))
+    return run
+
+
+def save_default_model(run: RunFolder) -> None:
+    from distrnn.config import Config
+    from distrnn.model import StackedRNN
+    from distrnn.model_files import save_model
+
+    save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
+
+
+def test_the_model_record_reads_the_model_files_alone(tmp_path, monkeypatch):
+    """Reading every checkpoint again at the end of a run costs as much as they weigh, for nothing."""
+    run = run_folder_in_use(tmp_path)
+    read, checksum = [], integrity.checksum
+    monkeypatch.setattr(integrity, "checksum", lambda path: read.append(path.name) or checksum(path))
+    save_default_model(run)
+    assert sorted(read) == ["model.pt", "model.safetensors"]
+    assert sorted(json.loads(run.manifest.read_text())["files"]) == ["model.pt", "model.safetensors"]
+
+
+def test_a_file_vanishing_from_the_run_folder_during_the_record_does_not_fail_it(tmp_path, monkeypatch):
+    """W&B is still writing in RUN/wandb when the final model is saved: a file it removes meanwhile is none of
+    the manifest's business."""
+    run = run_folder_in_use(tmp_path)
+    log, checksum = run.root / "wandb/offline-run-1/files/output.log", integrity.checksum
+
+    def while_w_and_b_removes_its_log(path):
+        log.unlink(missing_ok=True)
+        return checksum(path)
+
+    monkeypatch.setattr(integrity, "checksum", while_w_and_b_removes_its_log)
+    save_default_model(run)
+    monkeypatch.undo()
+    load_model(run.root)
 
 
 # --- the hold ---------------------------------------------------------------------------------------
