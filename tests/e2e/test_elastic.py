@@ -139,6 +139,23 @@ def test_a_run_grown_to_4_processes_with_accumulation_then_moved_to_1_applies_th
     assert_trained_like(reference, out, last.stdout, read_ledger(*ledgers))
 
 
+def test_a_resume_with_accumulation_still_applies_the_partial_group_that_ends_an_epoch(tmp_path, data_dir):
+    """data.loader=torchvision on 1 process, 64 x 2, one epoch: 25 batches, so its 13th update applies one
+    (Accelerate's end of the DataLoader ends it). Stopped at step 5 and resumed: bit for bit the uninterrupted run,
+    13 steps each."""
+    accumulate = ["--set", "data.loader=torchvision", "--set", "train.grad_accum_steps=2", "--set", "train.epochs=1"]
+    runs = {name: tmp_path / name for name in ("uninterrupted", "resumed")}
+    whole = distrnn(*train_args(runs["uninterrupted"], 1, data_dir, *accumulate))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stop_at(runs["resumed"], 1, data_dir, 5, tmp_path / "ledger", *accumulate)
+    resumed = distrnn(*train_args(runs["resumed"], 1, data_dir, *accumulate))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads((run / "summary.json").read_text())["steps"] for run in runs.values()]
+    assert steps == [13, 13]
+    a, b = weights(runs["uninterrupted"]), weights(runs["resumed"])
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_a_global_batch_that_3_processes_cannot_share_is_refused_in_one_line(tmp_path, data_dir):
     out = tmp_path / "run"
     stop_at(out, 2, data_dir, 5, tmp_path / "ledger")
