@@ -330,6 +330,14 @@ class Checkpointer:
         position = Position(**elastic.position(meta, now))
         if now.processes != elastic.saved(meta).processes:  # the saved RNG states cannot be shared out
             set_seed(elastic.rng_seed(self.cfg.train.seed, position.global_step, acc.process_index))
+        # accumulate() ends an update when Accelerate's micro-batch counter (Accelerator.step) reaches a multiple
+        # of the accumulation. load_state restored this rank's count of the saved layout: 25 after 25 updates of
+        # 2 processes x 1 made a resume on 1 x 2 apply 1 micro-batch first, then straddle every update and drop
+        # the epoch's last micro-batch; a rank new to the layout restored none (0), so ranks disagreed on no_sync.
+        # Every rank sets it to this epoch's micro-batches done (a multiple of the accumulation; 0 at an epoch's
+        # end), so each update ends where a global batch ends. Accelerator.step is the public attribute that
+        # load_state itself sets (GradientAccumulationPlugin sets the accumulation, not the count).
+        acc.step = position.step_in_epoch % batches_per_epoch
         self.say(f"resumed from {found.path}: epoch {position.epoch + 1}, batch {position.step_in_epoch} of "
                  f"{batches_per_epoch}, step {position.global_step}")
         return position

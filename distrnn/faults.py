@@ -14,12 +14,15 @@ should have them; unset in every real run:
     cuda-bf16-rnn       under bf16 the RNN runs by hand in bf16 outside autocast, as it does on a GPU
     fp16-init-scale=X   the fp16 grad scaler starts at scale X (a huge one forces overflows: make gpu-check)
     slow-rank=R:MS      rank R spends MS milliseconds more in every step's compute (a slow node)
-    sample-ledger=DIR   each rank appends the training indices of every batch, by epoch and optimizer step, to
+    sample-ledger=DIR   at every optimizer step each rank appends the training indices of the micro-batches that
+                        step really applied (the trainer's update boundary, not the loader's grouping) to
                         DIR/rank-R.jsonl (the tests' proof that a resume trains on exactly the same samples)
     takeover-pause=DIR  a run that judged a folder's hold stale writes DIR/judged-PID and waits (at most 60 s)
                         for DIR/go-PID before taking it over: the tests order two runs racing for one hold
     hold-launcher=FILE  the launcher, once its workers ended, waits until FILE exists (at most HOLD_LAUNCHER_S),
                         as torchrun's exit barrier holds it while other machines finish
+    stop-at=STEP        every rank takes a stop request (as if SIGUSR1 had arrived) at optimizer step STEP, and
+                        stops at that step's check (every step with train.log_every=1: a stop at a chosen step)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 import time
 
@@ -91,11 +95,26 @@ def slow_down(rank: int) -> None:
         time.sleep(float(value.split(":")[1]) / 1000)
 
 
-def record_samples(epoch: int, step: int, indices) -> None:
-    folder = _active().get("sample-ledger")
+_micro_batches: list[list[int]] = []  # sample-ledger: this rank's micro-batches since its last optimizer step
+
+
+def record_micro_batch(indices) -> None:
+    """sample-ledger: a micro-batch the loader gave this rank; update_applied says which update applied it."""
+    if "sample-ledger" in _active():
+        _micro_batches.append(indices.tolist())
+
+
+def update_applied(epoch: int, step: int, stop_request) -> None:
+    """The trainer's update boundary: optimizer step `step` (1-based, over the run) just applied the micro-batches
+    given since the last one. sample-ledger records them (a micro-batch never applied, its gradient dropped,
+    appears in no line); stop-at puts SIGUSR1 in `stop_request` (a preemption.StopRequest) at its step."""
+    folder, stop = _active().get("sample-ledger"), _active().get("stop-at")
     if folder:
         with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
-            f.write(json.dumps({"epoch": epoch, "step": step, "indices": indices.tolist()}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "step": step, "micro_batches": _micro_batches}) + "\n")
+        _micro_batches.clear()
+    if stop and int(stop) == step:
+        stop_request.signal = signal.SIGUSR1
 
 
 def delay_publish() -> None:

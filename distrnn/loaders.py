@@ -84,7 +84,7 @@ class MemoryLoader:
         for i in range(skip, len(self)):
             start = (i * self.world_size + self.rank) * self.batch_size
             index = order[start : start + self.batch_size]
-            faults.record_samples(self.epoch, i // self.accumulate, index)
+            faults.record_micro_batch(index)
             yield self.split.batch(index)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -143,9 +143,8 @@ class Trainer:
         return self.bar
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Forward, backward, and (every grad_accum_steps batches) an update: nothing here waits for the
-        device (no host sync). Between updates accumulate() skips DDP's gradient all-reduce (no_sync)
-        and makes the optimizer's step and zero_grad no-ops."""
+        """Forward, backward, and (every grad_accum_steps batches) an update, with no host sync. Between
+        updates accumulate() skips DDP's gradient all-reduce (no_sync) and the optimizer's step and zero_grad."""
         p, acc, timing = self.position, self.accelerator, self.progress.timing
         timing.mark("data")  # since the last step: waiting for this batch
         with acc.accumulate(self.model):
@@ -160,6 +159,7 @@ class Trainer:
             self.optimizer.step()
             if acc.sync_gradients:
                 self.step_scheduler()
+                faults.update_applied(p.epoch, p.global_step + 1, self.stop_request)  # sample-ledger, stop-at
             self.optimizer.zero_grad(set_to_none=True)
             timing.mark("optimizer")
         p.step_in_epoch += 1
