@@ -26,8 +26,7 @@ from unittest import mock
 import torch
 
 from benchmarks.bench import machine
-from distrnn import faults
-from distrnn import checkpoint, integrity
+from distrnn import checkpoint, faults, integrity
 from distrnn.checkpoint import Position
 from distrnn.config import ModelConfig
 from distrnn.model import StackedRNN

@@ -23,7 +23,6 @@ from contextlib import ExitStack
 from unittest import mock
 
 from benchmarks.bench import machine
-
 from distrnn import faults
 
 

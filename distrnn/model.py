@@ -5,7 +5,6 @@ h0 = zeros, and one linear layer over the outputs of all 28 steps: 276,490 param
 """
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -56,7 +55,7 @@ class StackedRNN(nn.Module):
         # How to run the RNN under a GPU's autocast is a training-time choice; TorchScript cannot compile it
         # (no device argument to is_autocast_enabled) and an exported fp32 graph has no use for it. The
         # scripting compiler skips this branch, so the exported graph is this forward, nothing copied.
-        dtype: Optional[torch.dtype] = None  # TorchScript reads this annotation: no `X | None`
+        dtype: torch.dtype | None = None  # TorchScript reads this annotation: no `X | None`
         if not torch.jit.is_scripting():
             device = x.device.type
             dtype = rnn_dtype_outside_autocast(device, torch.is_autocast_enabled(device),

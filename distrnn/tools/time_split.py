@@ -27,7 +27,7 @@ def draw_time_split(ax: Axes, runs: list[Any]) -> None:
     """One bar per run: milliseconds per optimizer step waiting for data, in compute, in the gradient
     all-reduce and in the optimizer, the mean over its ranks."""
     shown = [(run.label, split) for run in runs if (split := time_split(run)) is not None]
-    for n, (label, split) in enumerate(shown):
+    for n, (_, split) in enumerate(shown):
         left = 0.0
         for k, phase in enumerate(PHASES):
             ax.barh(n, split[phase], left=left, color=f"C{k}", label=phase if n == 0 else None, hatch="//" if k % 2

@@ -97,7 +97,7 @@ def test_eval_shards_count_every_sample_exactly_once(n, world, batch):
     split = numbered(n)
     seen = Counter()
     for rank in range(world):
-        for index, images, labels in eval_batches(split, batch, rank, world):
+        for index, _, labels in eval_batches(split, batch, rank, world):
             assert len(labels) <= batch and torch.equal(index, labels)  # sample i is labelled i
             seen.update(labels.tolist())
     assert seen == Counter(range(n))
