@@ -12,7 +12,7 @@ and the bare-loop ceilings (benchmarks/bare_loop.py) at the default and the fast
 size and precision. The targets table gives each ratio with met / missed. Once per invocation it
 also runs the default config with 2 processes (gloo on CPU, DDP on GPUs).
 
-    python -m benchmarks.bench                      # the full run the README quotes
+    python -m benchmarks.bench                      # the full run docs/performance.md quotes
     python -m benchmarks.bench --quick --out /tmp/b # a few hundred steps: checks that it works
 
 Writes results.json, results.md and accuracy_vs_time.png into --out.

@@ -1,6 +1,6 @@
-"""README.md blocks made from code, so that they cannot drift from what they describe.
+"""Documentation blocks made from code, so that they cannot drift from what they describe.
 
-    python -m devtools.readme        # rewrite the config table from distrnn/config.py (make docs)
+    python -m devtools.readme        # rewrite docs/configuration.md's config table from distrnn/config.py (make docs)
 
 A block sits between a start and an end marker; tests/unit/test_readme.py fails when a block differs
 from what its source renders now.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distrnn.config import key_fields
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIGURATION = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"  # the config table's page
 CONFIG_START = "<!-- config: generated from distrnn/config.py by `make docs`; do not edit by hand -->"
 CONFIG_END = "<!-- /config -->"
 
@@ -28,7 +28,8 @@ def shown_default(f: dataclasses.Field) -> str:
 
 
 def markdown_table() -> str:
-    """The README's config table: every key, its default and its help text, as declared in distrnn/config.py."""
+    """The config table (docs/configuration.md): every key, its default and its help text, as declared in
+    distrnn/config.py."""
     rows = ["| key | default | on resume | meaning |", "| --- | --- | --- | --- |"]
     for name, f in key_fields().items():
         help_text = f.metadata["help"].replace("|", "\\|")
@@ -41,7 +42,7 @@ def replace_block(text: str, start: str, end: str, block: str) -> str:
     before, found, rest = text.partition(start)
     _, found_end, after = rest.partition(end)
     if not (found and found_end):
-        raise SystemExit(f"README.md has no block {start!r} ... {end!r}")
+        raise SystemExit(f"no block {start!r} ... {end!r} in the file")
     return before + block + after
 
 
@@ -50,8 +51,8 @@ def config_block() -> str:
 
 
 def main() -> None:
-    README.write_text(replace_block(README.read_text(), CONFIG_START, CONFIG_END, config_block()))
-    print(f"wrote the config table in {README}")
+    CONFIGURATION.write_text(replace_block(CONFIGURATION.read_text(), CONFIG_START, CONFIG_END, config_block()))
+    print(f"wrote the config table in {CONFIGURATION}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ GLOBAL_BATCH = "may change if the global batch is kept"  # resume on another num
 def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING,
         shown_default: str | None = None) -> Any:
     """A config key: its default, its help text and its resume policy, declared together. The help text is
-    the only description of the key: the CLI's flags and the README's config table are made from it.
+    the only description of the key: the CLI's flags and the config table in docs/configuration.md are made
+    from it.
     `shown_default`: how to show a default computed at run time (a factory)."""
     metadata = {"help": help, "resume": resume, "shown_default": shown_default}
     if factory is not dataclasses.MISSING:

@@ -139,8 +139,8 @@ class FolderHold:
             why = "it cannot be read" if other is None else other.why_stale()
             if why is None:
                 raise DistrnnError(f"{self.path.parent} is in use by another run ({other.describe()}); pass another "
-                                   f"--output-dir (if that run is gone, remove {self.path.name}: README, Checkpoint "
-                                   "integrity)")
+                                   f"--output-dir (if that run is gone, remove {self.path.name}: docs/checkpoints.md, "
+                                   "Checkpoint integrity)")
             faults.pause_before_takeover()
             if self._take_over(me, text):
                 return self._held(me, [f"took over the stale hold on {self.path.parent} "

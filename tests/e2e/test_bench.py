@@ -1,4 +1,4 @@
-"""The benchmark's quick mode runs end to end (the full run is what the README quotes)."""
+"""The benchmark's quick mode runs end to end (the full run is what docs/performance.md quotes)."""
 
 from __future__ import annotations
 

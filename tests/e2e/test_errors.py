@@ -1,4 +1,4 @@
-"""Bad input and faults: each case shows the exact line the user sees (README "What you see when")."""
+"""Bad input and faults: each case shows the exact line the user sees (docs/errors.md, "Errors: what you see when")."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def pod_command(tmp_path, data_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted_counts(tmp_path_factory, data_dir) -> list[tuple[int, int]]:
     """The pods' run without a lost or evicted pod, as 2 processes on one machine (threads as in a pod): a resume
-    is bit-identical (README), so its counts are these."""
+    is bit-identical (docs/checkpoints.md), so its counts are these."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     command = pod_command(tmp, data_dir)
     args = command[command.index("train") + 1:]

@@ -168,7 +168,7 @@ def test_a_killed_rank_stops_the_others_quickly_and_resume_works(tmp_path, data_
     start = time.monotonic()
     _, stderr = proc.communicate(timeout=90)  # fails the test instead of hanging
     elapsed = time.monotonic() - start
-    assert proc.returncode == 128 + signal.SIGKILL  # the README's exit-code table: 137
+    assert proc.returncode == 128 + signal.SIGKILL  # the exit-code table (docs/checkpoints.md): 137
     assert elapsed < 45, f"took {elapsed:.0f} s to stop"
     assert "was killed by SIGKILL" in stderr
     assert "Traceback" not in stderr
@@ -287,8 +287,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_while_the_first_finishes(t
     assert second.returncode == 1
     line = one_line_error(second)
     assert re.fullmatch(rf"distrnn.train: error: {out} is in use by another run \(host \S+, pid {first.pid}, since "
-                        r"[\d-]+ [\d:]+\); pass another --output-dir \(if that run is gone, remove \.hold: README, "
-                        r"Checkpoint integrity\)", line), line
+                        r"[\d-]+ [\d:]+\); pass another --output-dir \(if that run is gone, remove \.hold: "
+                        r"docs/checkpoints\.md, Checkpoint integrity\)", line), line
     assert not (out / ".hold").exists()  # released by the first at its end
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # one run's log

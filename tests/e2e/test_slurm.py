@@ -196,10 +196,11 @@ def test_in_a_job_array_only_the_preempted_task_is_requeued_and_each_task_has_it
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_the_readme_cpu_examples_run_as_written_on_a_two_cpu_node(slurm_env):
-    """The #SBATCH lines ask for a GPU node's CPUs; the README's CPU examples ask for what the node has."""
-    readme = (REPO / "README.md").read_text()
-    examples = re.findall(r"^(DISTRNN_MODE=cpu sbatch .*?)\s*(?:#.*)?$", readme, re.M)
+def test_the_docs_cpu_examples_run_as_written_on_a_two_cpu_node(slurm_env):
+    """The #SBATCH lines ask for a GPU node's CPUs; the CPU examples in docs/running.md ask for what the node
+    has."""
+    page = (REPO / "docs" / "running.md").read_text()
+    examples = re.findall(r"^(DISTRNN_MODE=cpu sbatch .*?)\s*(?:#.*)?$", page, re.M)
     assert len(examples) == 2, examples
     for example in examples:
         submitted = subprocess.run(["bash", "-c", example], cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"},

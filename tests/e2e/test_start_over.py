@@ -70,7 +70,7 @@ def test_resume_never_moves_the_older_run_aside_and_keeps_only_the_new_runs_file
 def test_resume_from_another_runs_folder_passes_over_its_damaged_checkpoint_without_renaming_it(
         tmp_path, older_run, data_dir):
     """Before: the other run's newest checkpoint was renamed to .damaged-step-N in its folder, which this run
-    does not hold (the README: a checkpoint named with --resume PATH that does not verify is not moved)."""
+    does not hold (docs/checkpoints.md: a checkpoint named with --resume PATH that does not verify is not moved)."""
     other = tmp_path / "other"
     shutil.copytree(older_run, other)
     newest = newest_checkpoint(other)
