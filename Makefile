@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train check test results docs gpu-check clean
+.PHONY: train lint check test results docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/distrnn train --config configs/default.yaml $(ARGS)
 
-# The everyday subset (< 2 min on 2 cores): unit tests, rank logic on real gloo processes, CLI errors.
-check: $(STAMP)
+# Lint with the rule set pinned in pyproject.toml ([tool.ruff.lint]); ruff comes with the dev extra.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# The everyday subset (< 2 min on 2 cores), after lint: unit tests, rank logic on real gloo processes, CLI errors.
+check: lint
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
 
 # The whole suite, as CI runs it (CPU only, real processes, real MNIST from $$DISTRNN_DATA_DIR or ./data).

@@ -256,7 +256,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few hundred steps each; checks only that it runs")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process run")
-    parser.add_argument("--render", metavar="RESULTS_JSON", help="only rewrite results.md and the plot from a results.json")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only rewrite results.md and the plot from a results.json")
     args = parser.parse_args()
     if args.render:
         results = json.loads(Path(args.render).read_text())

@@ -51,7 +51,8 @@ class Context:
         self.results: dict[str, dict] = {}
         self.env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
-    def distrnn(self, *args: str, env: dict | None = None, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+    def distrnn(self, *args: str, env: dict | None = None,
+                timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
         start = time.perf_counter()
         result = subprocess.run([str(BIN / "distrnn"), *args], cwd=REPO, env={**self.env, **(env or {})},
                                 capture_output=True, text=True, timeout=timeout)
@@ -129,7 +130,8 @@ def fp32_is_fp32(ctx: Context) -> dict:
 def no_host_sync(ctx: Context) -> dict:
     """The unit test's counter on this device; on a GPU also CUDA's own sync detector."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/unit/test_train_step.py", "-k", "not plain_adam"], cwd=REPO, capture_output=True, text=True,
+                             "tests/unit/test_train_step.py", "-k", "not plain_adam"],
+                            cwd=REPO, capture_output=True, text=True,
                             env={**ctx.env, "DISTRNN_DATA_DIR": ctx.data_dir}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
     details = {"unit tests on this device": result.stdout.strip().splitlines()[-1]}
@@ -205,7 +207,8 @@ def seed_loop(ctx: Context) -> dict:
     for name in ("default config, 3 epochs, one GPU", "fast config, 3 epochs, one GPU"):
         other = ctx.results.get(name, {}).get("details")
         if other:
-            details[f"{name.split(',')[0]}: x seed samples/s"] = round(other["samples_per_s"] / seed["samples_per_s"], 2)
+            details[f"{name.split(',')[0]}: x seed samples/s"] = round(
+                other["samples_per_s"] / seed["samples_per_s"], 2)
             details[f"{name.split(',')[0]}: x seed wall time"] = round(other["wall_seconds"] / seed["wall_seconds"], 2)
     return details
 
@@ -231,7 +234,8 @@ def deterministic_resume(ctx: Context) -> dict:
     pair = lambda s: [[s["train_correct"], s["train_seen"]], [s["test_correct"], s["test_seen"]]]  # noqa: E731
     assert pair(got) == pair(reference), (pair(got), pair(reference))
     ctx.resumed_checkpoint = checkpoint
-    return {"stopped at step": json.loads((checkpoint / "meta.json").read_text())["position"]["global_step"], "counts (train, test)": pair(got), "uninterrupted": pair(reference)}
+    return {"stopped at step": json.loads((checkpoint / "meta.json").read_text())["position"]["global_step"],
+            "counts (train, test)": pair(got), "uninterrupted": pair(reference)}
 
 
 def _evaluate_stopped_checkpoint(ctx: Context, mode: str) -> dict:
@@ -386,7 +390,8 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-1500:]}"
-        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()):
+        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step
+                                     for line in metrics.read_text().splitlines()):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
@@ -415,7 +420,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# make gpu-check: {m['gpu'] or 'no GPU'}", "",
              f"torch {m['torch']}, python {m['python']}, {m['cores']} CPU cores; {report['seconds']} s in all; "
-             f"command: `{report['command']}`", "", "| check | status | seconds | details |", "| --- | --- | --- | --- |"]
+             f"command: `{report['command']}`", "", "| check | status | seconds | details |",
+             "| --- | --- | --- | --- |"]
     for name, r in report["checks"].items():
         details = r.get("details", r.get("reason", r.get("error", "")))
         if isinstance(details, dict):

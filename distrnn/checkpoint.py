@@ -54,7 +54,8 @@ def read_meta(checkpoint: CheckpointFolder) -> dict[str, Any]:
     try:
         return json.loads(checkpoint.meta.read_text())
     except (OSError, ValueError) as e:
-        raise DistrnnError(f"checkpoint '{checkpoint.path}' is unreadable ({e}); pass another with --resume PATH") from None
+        raise DistrnnError(f"checkpoint '{checkpoint.path}' is unreadable ({e}); "
+                           "pass another with --resume PATH") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -125,7 +126,8 @@ def files_of_another_rank(accelerator: Accelerator, tmp: CheckpointFolder) -> li
     """What save_state writes on a rank other than the main one (accelerate's save_accelerator_state): its RNG
     states and, under fp16, scaler.pt, which every rank writes. Nothing else is its to open: the main process
     writes model.safetensors through a temporary file and renames it, which failed a rank that fsynced it."""
-    names = [f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"] + ([SCALER_NAME] if accelerator.scaler is not None else [])
+    names = ([f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"]
+             + ([SCALER_NAME] if accelerator.scaler is not None else []))
     return [tmp.path / name for name in names]
 
 
@@ -177,7 +179,8 @@ def newest_verified(folder: RunFolder, held: bool) -> tuple[CheckpointFolder | N
     """The newest checkpoint that verifies, and warnings: incomplete ones passed over, damaged ones set aside
     (`held`: this run holds the folder) or passed over where they are (another run's folder: never changed)."""
     found = folder.all_checkpoints()
-    warnings = [f"skipping incomplete checkpoint {c.path} (a save was interrupted)" for c in found if not c.is_complete()]
+    warnings = [f"skipping incomplete checkpoint {c.path} (a save was interrupted)"
+                for c in found if not c.is_complete()]
     for checkpoint in reversed([c for c in found if c.is_complete()]):
         what = integrity.damage(checkpoint.path, checkpoint.meta)
         if what is None:
@@ -344,7 +347,8 @@ class Checkpointer:
 
     def save(self, position: Position, model, wandb_id: str | None) -> Path:
         start = time.perf_counter()
-        agree(self.accelerator, lambda: self.refuse_anothers(position.global_step), here=self.accelerator.is_main_process)
+        agree(self.accelerator, lambda: self.refuse_anothers(position.global_step),
+              here=self.accelerator.is_main_process)
         steps_in_epoch = position.step_in_epoch // self.cfg.train.grad_accum_steps
         layout = elastic.of(self.cfg, self.accelerator.num_processes).record(steps_in_epoch, self.requested)
         path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id,

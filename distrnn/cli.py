@@ -82,8 +82,8 @@ def main(debug: bool) -> None:
 @click.option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
               help="--launcher ray: restarts of the workers after a failure (a lost node), from the latest checkpoint.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Start failed workers again (a worker killed, hung or cut off), resuming from the newest checkpoint, "
-                   "up to this many times; errors that would repeat (config, data) end the run.")
+              help="Start failed workers again (a worker killed, hung or cut off), resuming from the newest "
+                   "checkpoint, up to this many times; errors that would repeat (config, data) end the run.")
 def train_command(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
                   main_process_ip: str | None, main_process_port: int | None, rendezvous_timeout: int,
                   max_restarts: int, launcher: str, ray_address: str | None, num_workers: str, max_failures: int,

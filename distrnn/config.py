@@ -106,9 +106,9 @@ class TrainConfig:
     batch_size: int = key(64, help="Batch size per process (per accumulation step). A resume on another number of "
                           "processes keeps the checkpoint's global batch and chooses this and "
                           "train.grad_accum_steps itself.", resume=GLOBAL_BATCH)
-    grad_accum_steps: int = key(1, help="Batches per optimizer step (Accelerate's accumulate; DDP's gradient all-reduce "
-                                "is skipped in between): global batch = batch_size x processes x this, printed at "
-                                "start and in summary.json.", resume=GLOBAL_BATCH)
+    grad_accum_steps: int = key(1, help="Batches per optimizer step (Accelerate's accumulate; DDP's gradient "
+                                "all-reduce is skipped in between): global batch = batch_size x processes x this, "
+                                "printed at start and in summary.json.", resume=GLOBAL_BATCH)
     eval_batch_size: int = key(1000, help="Evaluation batch size per process.", resume=FREE)
     eval_train_set: bool = key(True, help="At the end, evaluate the final model on every training image too (the "
                                "seed's 'Accuracy on training data'); a forward pass over 60,000 images: ~4 s on "
@@ -244,7 +244,8 @@ def _apply(cfg: Config, name: str, value: Any, from_text: bool) -> None:
 def _check_sections(data: Any, where: str) -> dict[str, Any]:
     """`data` as a mapping of known sections, each a mapping of keys (empty sections dropped)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of sections ({', '.join(_sections())}), got {type(data).__name__}")
+        raise ConfigError(f"{where} must be a mapping of sections ({', '.join(_sections())}), "
+                          f"got {type(data).__name__}")
     for section, values in data.items():
         if section not in _sections():
             close = difflib.get_close_matches(str(section), list(_sections()), n=1)
@@ -316,11 +317,9 @@ def validate(cfg: Config) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep),
     ]:
         _check(value > 0, f"config key '{name}' must be > 0, got {value}")
-    _check(
-        m.input_size * m.sequence_length == MNIST_PIXELS,
-        f"model.input_size x model.sequence_length must be {MNIST_PIXELS} (one 28x28 MNIST image), "
-        f"got {m.input_size} x {m.sequence_length}; use 28 x 28",
-    )
+    _check(m.input_size * m.sequence_length == MNIST_PIXELS,
+           f"model.input_size x model.sequence_length must be {MNIST_PIXELS} (one 28x28 MNIST image), "
+           f"got {m.input_size} x {m.sequence_length}; use 28 x 28")
     _check(m.num_classes == 10, f"config key 'model.num_classes' must be 10 for MNIST, got {m.num_classes}")
     _check(
         m.cell == "rnn" or m.nonlinearity == "tanh",
@@ -328,7 +327,8 @@ def validate(cfg: Config) -> None:
     )
     _check(o.lr > 0, f"config key 'optim.lr' must be > 0, got {o.lr}")
     _check(0 < o.pct_start < 1, f"config key 'optim.pct_start' must be between 0 and 1, got {o.pct_start}")
-    _check(o.grad_clip is None or o.grad_clip > 0, f"config key 'optim.grad_clip' must be > 0 or null, got {o.grad_clip}")
+    _check(o.grad_clip is None or o.grad_clip > 0,
+           f"config key 'optim.grad_clip' must be > 0 or null, got {o.grad_clip}")
     _check(0 <= o.label_smoothing < 1,
            f"config key 'optim.label_smoothing' must be in [0, 1), got {o.label_smoothing}")
     _check(t.seed >= 0, f"config key 'train.seed' must be >= 0, got {t.seed}")
@@ -341,7 +341,8 @@ def validate(cfg: Config) -> None:
     _validate_holdout(cfg)
     _check(bool(d.dir), "config key 'data.dir' must not be empty")
     _check(bool(t.output_dir), "config key 'train.output_dir' must not be empty")
-    _check(t.eval_every is None or t.eval_every > 0, f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
+    _check(t.eval_every is None or t.eval_every > 0,
+           f"config key 'train.eval_every' must be > 0 or null, got {t.eval_every}")
     profile = t.profile_steps
     _check(profile is None or (profile.count("-") == 1 and all(p.isdigit() for p in profile.split("-"))
                                and 1 <= int(profile.split("-")[0]) <= int(profile.split("-")[1])),
@@ -358,7 +359,8 @@ def _validate_holdout(cfg: Config) -> None:
     _check(0 <= d.val_samples < pool, f"config key 'data.val_samples' must be 0..{pool - 1} (fewer than the training "
                                       f"images), got {d.val_samples}")
     patience = t.early_stop_patience
-    _check(patience is None or patience > 0, f"config key 'train.early_stop_patience' must be > 0 or null, got {patience}")
+    _check(patience is None or patience > 0,
+           f"config key 'train.early_stop_patience' must be > 0 or null, got {patience}")
     _check(patience is None or d.val_samples > 0,
            "train.early_stop_patience needs a validation holdout: set data.val_samples (e.g. 5000)")
     _check(not cfg.checkpoint.keep_best or d.val_samples > 0,

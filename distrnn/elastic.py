@@ -50,7 +50,8 @@ def saved(meta: dict[str, Any]) -> Layout:
     """The layout a checkpoint was saved with (from its config, for checkpoints older than "layout")."""
     if "layout" in meta:
         return Layout(meta["layout"]["processes"], meta["layout"]["batch_size"], meta["layout"]["accumulation"])
-    return Layout(meta["num_processes"], meta["config"]["train"]["batch_size"], meta["config"]["train"]["grad_accum_steps"])
+    return Layout(meta["num_processes"], meta["config"]["train"]["batch_size"],
+                  meta["config"]["train"]["grad_accum_steps"])
 
 
 def requested(meta: dict[str, Any] | None, cfg: Config) -> tuple[int, int]:
@@ -81,10 +82,10 @@ def resume_layout(meta: dict[str, Any], cfg: Config, processes: int, where: obje
         chosen = _split(total, processes, before.batch_size, where)
     if cfg.data.loader != "memory":
         raise DistrnnError(f"checkpoint {where} was saved with {before.describe()} and this run has "
-                           f"{asked.describe()}: data.loader={cfg.data.loader} resumes only with the same (Accelerate's "
-                           "DataLoader counts the batches to skip per rank and pads an epoch's last batches by the "
-                           f"number of processes: another layout would repeat or skip samples); use --num-processes "
-                           f"{before.processes} with the same batch, or data.loader=memory")
+                           f"{asked.describe()}: data.loader={cfg.data.loader} resumes only with the same "
+                           "(Accelerate's DataLoader counts the batches to skip per rank and pads an epoch's last "
+                           "batches by the number of processes: another layout would repeat or skip samples); use "
+                           f"--num-processes {before.processes} with the same batch, or data.loader=memory")
     moved = f"{before.processes} -> {processes} processes; " if processes != before.processes else ""
     return chosen, (f"{moved}global batch {total} kept as {chosen.batch_size} per process x {chosen.accumulation} "
                     "accumulation")

@@ -96,7 +96,8 @@ def run_cli(command: click.Command, prog: str, args: list[str] | None = None) ->
             raise
         ctx = getattr(e, "ctx", None)
         if this_rank() == 0:  # every rank parses the same command line
-            click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)", err=True)
+            click.echo(f"{prog}: error: {e.format_message()} (see {ctx.command_path if ctx else prog} --help)",
+                       err=True)
         return e.exit_code
     except click.Abort:
         return 130

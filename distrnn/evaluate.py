@@ -37,7 +37,8 @@ def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: i
         if note:
             say(note)
         for train, label in [(True, "training"), (False, "test")]:
-            split = agree(accelerator, lambda train=train: load_split(data_dir, train)).first(limit).to(accelerator.device)
+            split = (agree(accelerator, lambda train=train: load_split(data_dir, train))
+                     .first(limit).to(accelerator.device))
             accuracy = exact_accuracy(accelerator, model, split, batch_size or cfg.train.eval_batch_size)
             say(f"Accuracy on {label} data:")
             say(accuracy.report())

@@ -22,7 +22,8 @@ MISTAKES = 25  # the most confident mistakes of the final test evaluation kept f
 
 def metrics(name: str, evaluation: Evaluation) -> dict[str, Any]:
     """The logged form of an evaluation of split `name` (val, test, train)."""
-    return {f"{name}/accuracy": evaluation.percent, f"{name}/correct": evaluation.correct, f"{name}/seen": evaluation.seen}
+    return {f"{name}/accuracy": evaluation.percent, f"{name}/correct": evaluation.correct,
+            f"{name}/seen": evaluation.seen}
 
 
 def best_validation(history: list[dict[str, Any]]) -> tuple[float, int] | None:

@@ -16,7 +16,8 @@ _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-def rnn_dtype_outside_autocast(device_type: str, autocast_enabled: bool, autocast_dtype: torch.dtype) -> torch.dtype | None:
+def rnn_dtype_outside_autocast(device_type: str, autocast_enabled: bool,
+                               autocast_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype to run the recurrent layers in by hand, or None to leave them to autocast.
 
     Autocast's wrapper for cuDNN RNNs (aten/src/ATen/cudnn/AutocastRNN.cpp) casts weights and inputs

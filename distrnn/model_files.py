@@ -100,7 +100,8 @@ def load_model(source: str | Path) -> tuple[StackedRNN, Config]:
         return _load_checkpoint(checkpoint)
     if path.is_dir():
         folder = RunFolder(path)
-        path = folder.model if folder.model.is_file() or not folder.model_safetensors.is_file() else folder.model_safetensors
+        path = (folder.model if folder.model.is_file() or not folder.model_safetensors.is_file()
+                else folder.model_safetensors)
     if path.is_file():
         check_recorded(path)
     if path.suffix == ".safetensors" and path.is_file():
@@ -135,7 +136,8 @@ def _load_checkpoint(checkpoint: CheckpointFolder) -> tuple[StackedRNN, Config]:
         stored = json.loads(checkpoint.meta.read_text())["config"]
         state = load_file(str(checkpoint.weights))
     except Exception as e:
-        raise DistrnnError(f"'{checkpoint.path}' is not a complete distrnn checkpoint ({type(e).__name__}: {e})") from None
+        raise DistrnnError(f"'{checkpoint.path}' is not a complete distrnn checkpoint "
+                           f"({type(e).__name__}: {e})") from None
     return rebuild(state, stored, checkpoint.path)
 
 

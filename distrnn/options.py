@@ -60,7 +60,8 @@ CONFIG_OPTIONS = [
 EVALUATE_OPTIONS = [
     click.Option(["--checkpoint"], required=True,
                  help="A run folder (holding model.pt), a model.pt file, or a checkpoints/step-* folder."),
-    click.Option(["--data-dir"], default=None, help="Folder holding MNIST/raw [default: the one stored with the model]."),
+    click.Option(["--data-dir"], default=None,
+                 help="Folder holding MNIST/raw [default: the one stored with the model]."),
     click.Option(["--batch-size"], type=click.IntRange(min=1), default=None, help="Evaluation batch size per process."),
     click.Option(["--limit"], type=click.IntRange(min=1), default=None, help="Only the first N images of each split."),
     click.Option(["--precision"], type=click.Choice(PRECISIONS), default=None,

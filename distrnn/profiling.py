@@ -36,6 +36,7 @@ class StepProfile:
         time_of = (lambda e: e.self_device_time_total) if self.cuda else (lambda e: e.self_cpu_time_total)
         events = [e for e in profiler.key_averages() if time_of(e) > 0]
         total = sum(time_of(e) for e in events) or 1
-        top = ", ".join(f"{e.key} {100 * time_of(e) / total:.0f}%" for e in sorted(events, key=time_of, reverse=True)[:3])
+        top = ", ".join(f"{e.key} {100 * time_of(e) / total:.0f}%"
+                        for e in sorted(events, key=time_of, reverse=True)[:3])
         print(f"profile: rank {self.rank}, steps {self.first}-{self.last} -> {self.path}; most time in: {top}",
               flush=True)

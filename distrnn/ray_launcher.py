@@ -5,7 +5,8 @@ MASTER_ADDR, ...); there is no torchrun inside. The run folder is Ray's run fold
 system every node shares, as for the other launchers). Each verified distrnn checkpoint is reported to Ray
 where it lies (not copied: CheckpointUploadMode.NO_UPLOAD), so after a worker or a node is lost Ray restarts
 the workers (FailureConfig max_failures) and they resume from the run folder's newest verified checkpoint:
-Ray's latest registered one, or a newer one published but not yet registered by Ray when the failure came. W&B and the exact counts come from the main worker only, as everywhere. A range of
+Ray's latest registered one, or a newer one published but not yet registered by Ray when the failure came.
+W&B and the exact counts come from the main worker only, as everywhere. A range of
 workers (`--num-workers 2-4`) is Ray Train's elastic mode (Ray 2.60: ScalingConfig(num_workers=(min, max))):
 distrnn resumes on the new number of workers with the global batch kept (elastic.py).
 

@@ -181,7 +181,8 @@ class RunFolder:
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as e:
-            raise DistrnnError(f"cannot write to run folder {self.root} ({e.strerror}); pass a writable --output-dir") from None
+            raise DistrnnError(f"cannot write to run folder {self.root} ({e.strerror}); "
+                               "pass a writable --output-dir") from None
         aside = self.move_aside_earlier_run() if start_over else None
         self.check_free_space(needed_bytes)
         self.config.write_text(config_yaml)

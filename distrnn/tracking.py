@@ -216,8 +216,8 @@ class RunLog:
         import wandb
 
         cells = [[str(t), str(p), n] for t, row in enumerate(test.confusion) for p, n in enumerate(row)]
-        chart = wandb.plot_table("wandb/confusion_matrix/v1", wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
-                                                                          data=cells),
+        chart = wandb.plot_table("wandb/confusion_matrix/v1",
+                                 wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=cells),
                                  {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                                  {"title": "test confusion matrix"})
         rows = [[wandb.Image(pixels), m.label, m.prediction, m.probability] for pixels, m in mistakes]

@@ -296,7 +296,8 @@ class Trainer:
             "precision": self.precision.to_dict(), "faults": faults.injected(),
             "num_processes": self.accelerator.num_processes,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this (main) process
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda" else None,
+            "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda"
+                            else None),
             "grad_scaler_skipped_steps": self.position.skipped_updates if self.guard.scaler_owns_skips else None,
             "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
             **validation_summary(self.position.history, ended_early, best),

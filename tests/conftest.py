@@ -40,7 +40,8 @@ def slurm_environment(data_dir: Path, **extra: str) -> dict[str, str]:
     env.pop("DISTRNN_DEBUG", None)
     ok = shutil.which("sbatch", path=path) and SLURM_CONF.is_file() and subprocess.run(
         ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
-    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); start one with: bash tests/slurm/cluster.sh up")
+    require(bool(ok), f"no SLURM cluster answers (SLURM_CONF={SLURM_CONF}); "
+                      "start one with: bash tests/slurm/cluster.sh up")
     (REPO / "logs").mkdir(exist_ok=True)
     return env
 

@@ -43,8 +43,8 @@ def accumulate(acc) -> None:
     from distrnn.trainer import Trainer
 
     cfg = build_config(overrides=["data.train_samples=640", "data.test_samples=100", "train.batch_size=16",
-                                  "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false", "checkpoint.every_steps=null",
-                                  f"train.output_dir={os.environ['RUN_DIR']}"])
+                                  "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false",
+                                  "checkpoint.every_steps=null", f"train.output_dir={os.environ['RUN_DIR']}"])
     trainer = Trainer(cfg, acc, StopRequest())
     reduced_at: set[int] = set()
     real = default_hooks.allreduce_hook  # what the trainer's own (timing) communication hook calls

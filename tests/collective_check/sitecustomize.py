@@ -51,7 +51,8 @@ def _same_everywhere(c10d, originals, name, inputs):
     if _state["group"] is None:  # the run's collective timeout, or a frozen rank would hold this exchange 30 min
         _state["group"] = c10d.new_group(backend="gloo", timeout=_default_timeout(c10d))
     fingerprint = f"{name}{[(tuple(t.shape), str(t.dtype)) for t in inputs]}"
-    mine = torch.tensor(list(hashlib.sha256(fingerprint.encode()).digest()) + list(fingerprint.encode()[:200].ljust(200)),
+    mine = torch.tensor(list(hashlib.sha256(fingerprint.encode()).digest())
+                        + list(fingerprint.encode()[:200].ljust(200)),
                         dtype=torch.uint8)
     everyone = [torch.empty_like(mine) for _ in range(c10d.get_world_size())]
     originals["all_gather"](everyone, mine, group=_state["group"])

@@ -23,7 +23,8 @@ def expect_one_line(result, expected: str, code: int | None = None) -> None:
         (["train", "--epochs", "0"], "config key 'train.epochs' must be > 0, got 0", 2),
         (["train", "--batch-size", "-4"], "config key 'train.batch_size' must be > 0, got -4", 2),
         (["train", "--lr", "abc"], "Invalid value for '--lr': 'abc' is not a valid float", 2),
-        (["train", "--precision", "fp8"], "Invalid value for '--precision': 'fp8' is not one of 'auto', 'no', 'fp16', 'bf16'", 2),
+        (["train", "--precision", "fp8"], "Invalid value for '--precision': 'fp8' is not one of 'auto', 'no', "
+         "'fp16', 'bf16'", 2),
         (["train", "--mode", "tpu"], "Invalid value for '--mode': 'tpu' is not one of 'auto', 'cpu', 'gpu', 'ddp'", 2),
         (["train", "--set", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),
         (["train", "model.hiden_size=3"], "did you mean 'model.hidden_size'?", 2),  # positional, as sweeps pass them
@@ -37,10 +38,12 @@ def expect_one_line(result, expected: str, code: int | None = None) -> None:
         (["train", "--set", "model.head=first"], "config key 'model.head' must be one of all-steps, last-step", 2),
         (["train", "--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist; check the "
          "path, or name a shipped config (default, fast, smoke)", 2),
-        (["train", "--mode", "cpu", "--precision", "fp16"], "precision fp16 needs a GPU; on CPU use --precision bf16", 1),
+        (["train", "--mode", "cpu", "--precision", "fp16"], "precision fp16 needs a GPU; on CPU use --precision "
+         "bf16", 1),
         (["train", "--mode", "cpu", "--num-processes", "0"], "--num-processes must be >= 1, got 0", 1),
         (["train", "--bogus"], "No such option '--bogus'. (see distrnn train --help)", 2),
-        (["evaluate", "--checkpoint", "/nonexistent/run"], "no saved model at '/nonexistent/run'; pass a run folder holding model.pt, the file itself", 1),
+        (["evaluate", "--checkpoint", "/nonexistent/run"], "no saved model at '/nonexistent/run'; pass a run folder "
+         "holding model.pt, the file itself", 1),
     ],
 )
 def test_bad_cli_input_is_one_line(args, expected, code):

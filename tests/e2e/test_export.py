@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 # The command on its own, so that its errors read `distrnn export: error: ...` (through the `distrnn` group
 # they read `distrnn: error: ...`).
-EXPORT = "from distrnn.errors import run_cli; from distrnn.tools.export import command; import sys; sys.exit(run_cli(command, prog='distrnn export'))"
+EXPORT = ("from distrnn.errors import run_cli; from distrnn.tools.export import command; import sys; "
+          "sys.exit(run_cli(command, prog='distrnn export'))")
 SUMMARY = (r"exported (?P<file>\S+) \((?P<format>\w+), dynamic batch\); parity on 1000 test images: "
            r"same prediction for all 1000, max \|logit difference\| (?P<gap>\S+)")
 
@@ -142,7 +143,8 @@ def test_onnx_without_onnxruntime_says_how_to_install_it(smoke_model, tmp_path):
     output = tmp_path / "model.onnx"
     result = distrnn_export("--checkpoint", smoke_model, "--format", "onnx", "--output", output,
                             env={"PYTHONPATH": path})
-    assert one_line_error(result) == "distrnn export: error: --format onnx needs onnxruntime: pip install 'distrnn[export]'"
+    assert one_line_error(result) == ("distrnn export: error: --format onnx needs onnxruntime: "
+                                      "pip install 'distrnn[export]'")
     assert result.returncode == 1
     assert not output.exists()
 

@@ -78,8 +78,9 @@ def test_a_checkpoint_that_only_rank_1_cannot_write_is_reported_by_rank_1(tmp_pa
     (rank0, err0, _), (rank1, err1, seconds) = two_nodes(out, env, {**env, "DISTRNN_FAULTS": "save-oserror"})
     assert rank0 != 0 and rank1 != 0 and seconds < 60
     [line] = error_lines(err1)
-    assert line.startswith(f"distrnn.train: error on rank 1 (node {HOST}): could not write checkpoint {out}/checkpoints/"
-                           ".tmp-step-00000005 (Disk quota exceeded); the previous checkpoint is intact")
+    assert line.startswith(f"distrnn.train: error on rank 1 (node {HOST}): could not write checkpoint "
+                           f"{out}/checkpoints/.tmp-step-00000005 (Disk quota exceeded); "
+                           "the previous checkpoint is intact")
     assert error_lines(err0) == [] and "lost contact" not in err0
     assert not list((out / "checkpoints").glob("step-*"))  # nothing half-written was published
 
@@ -120,7 +121,8 @@ def test_a_resume_applies_a_new_learning_rate_and_says_so(tmp_path, data_dir):
                      str(out), *RUN, "--lr", "0.005")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resume: optim.lr changed from 0.001 to 0.005 (may change with a constant schedule)" in result.stdout
-    lrs = {json.loads(line)["step"]: json.loads(line).get("train/lr") for line in (out / "metrics.jsonl").read_text().splitlines()}
+    lrs = {json.loads(line)["step"]: json.loads(line).get("train/lr")
+           for line in (out / "metrics.jsonl").read_text().splitlines()}
     after = [lr for step, lr in lrs.items() if step > resumed_at and lr is not None]
     assert after and set(after) == {0.005}  # the optimizer uses what config.yaml and W&B record
     assert {lr for step, lr in lrs.items() if step <= resumed_at and lr is not None} == {0.001}  # kept, W&B off

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(visible_gpus() > 0, reason="checks how a machine without a GPU reports GPU-only checks")
 def test_gpu_check_runs_what_a_cpu_can_and_skips_the_rest(tmp_path, data_dir):
-    result = run([str(BIN / "python"), "-m", "benchmarks.gpu_check", "--data-dir", str(data_dir), "--out", str(tmp_path)],
-                 timeout=900)
+    result = run([str(BIN / "python"), "-m", "benchmarks.gpu_check", "--data-dir", str(data_dir),
+                  "--out", str(tmp_path)], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-none.json").read_text())
     status = {name: r["status"] for name, r in report["checks"].items()}

@@ -18,8 +18,8 @@ def installed(tmp_path_factory) -> Path:
     """A fresh venv holding only the distrnn wheel; its dependencies come from the test venv (a .pth line),
     whose editable distrnn is not seen: .pth files in a folder added that way are not processed."""
     tmp = tmp_path_factory.mktemp("install")
-    built = run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"),
-                 str(REPO)], timeout=300)
+    built = run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "-w", str(tmp / "wheel"), str(REPO)], timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     venv = tmp / "venv"
     assert run([str(BIN / "python"), "-m", "venv", "--without-pip", str(venv)]).returncode == 0

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 N = 200
 PROG = "distrnn predict"
 # `distrnn predict` as the CLI group will run it, without editing cli.py
-WRAPPER = f"from distrnn.errors import run_cli; from distrnn.tools.predict import command; import sys; sys.exit(run_cli(command, prog='{PROG}'))"
+WRAPPER = ("from distrnn.errors import run_cli; from distrnn.tools.predict import command; import sys; "
+           f"sys.exit(run_cli(command, prog='{PROG}'))")
 HINT = f"{PROG}: hint: {N} of {N} inputs look like dark digits on a light background; pass --invert"
 
 

@@ -98,9 +98,11 @@ def test_multinode_script_forms_one_group_across_two_nodes(multinode_job, data_d
 
 def wait_for_step(env: dict[str, str], job: str, metrics: Path, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not (metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())):
+    while not (metrics.is_file()
+               and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())):
         assert time.monotonic() < deadline, f"step {step} not reached"
-        assert job_state(env, job) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING"), job_state(env, job)
+        assert job_state(env, job) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
+                                       "COMPLETING"), job_state(env, job)
         time.sleep(0.2)
 
 
@@ -169,8 +171,8 @@ def test_requeues_stop_at_the_cap(slurm_env, tmp_path):
     preempt(env, job)
     assert wait_for_end(env, job) == "FAILED"
     log = job_log("distrnn-cap", job)
-    assert f"distrnn: job {job} was requeued 0 times (DISTRNN_MAX_REQUEUES=0); not again: its checkpoint resumes with " \
-           f"DISTRNN_OUTPUT_DIR={out} sbatch ..." in log
+    assert f"distrnn: job {job} was requeued 0 times (DISTRNN_MAX_REQUEUES=0); not again: its checkpoint resumes " \
+           f"with DISTRNN_OUTPUT_DIR={out} sbatch ..." in log
     assert "requeueing" not in log and "restart count 1" not in log
 
 

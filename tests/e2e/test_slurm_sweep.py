@@ -45,7 +45,8 @@ def run_task(task: str | None, *args: str) -> subprocess.CompletedProcess:
     (None, ["sweeps/grid.txt"], "not a job array task"),
     ("0", [], "no grid file"),
     ("0", ["sweeps/no-such-grid.txt"], "is not a readable file"),
-    ("6", ["sweeps/grid.txt", "--config", "fast"], "task 6 has no line in sweeps/grid.txt (6 lines): submit with --array=0-5"),
+    ("6", ["sweeps/grid.txt", "--config", "fast"],
+     "task 6 has no line in sweeps/grid.txt (6 lines): submit with --array=0-5"),
     ("0", ["sweeps/grid.txt", "--output-dir", "x"], "--output-dir: each task's run folder is set by this script"),
     ("0", ["sweeps/grid.txt", "--set", "train.output_dir=x"], "train.output_dir=x: each task's run folder"),
 ])
@@ -87,7 +88,8 @@ def job_state(env: dict[str, str], job: str) -> str:
 
 def wait_for_step(env: dict[str, str], job: str, metrics: Path, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not (metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())):
+    while not (metrics.is_file()
+               and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())):
         assert time.monotonic() < deadline, f"step {step} not reached"
         assert job_state(env, job) not in ENDED, job_state(env, job)
         time.sleep(0.2)

@@ -76,7 +76,8 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(folder):
     changes = checkpoint.check_resume(folder, build_config(overrides=["optim.lr=0.005"]), found, meta, 1)
     assert [(c.key, c.old, c.new) for c in changes] == [("optim.lr", 0.001, 0.005)]
     with pytest.raises(DistrnnError) as e:
-        checkpoint.check_resume(folder, build_config(overrides=["model.hidden_size=128", "train.seed=3"]), found, meta, 1)
+        checkpoint.check_resume(folder, build_config(overrides=["model.hidden_size=128", "train.seed=3"]),
+                                found, meta, 1)
     assert str(e.value) == (f"checkpoint {found.path} has model.hidden_size=256, train.seed=0 but this run asks for "
                             "model.hidden_size=128, train.seed=3; use the same config, another --output-dir, or "
                             "--resume never")

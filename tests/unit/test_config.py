@@ -34,7 +34,8 @@ def flat(cfg: Config) -> dict:
     return flatten(cfg.to_dict())
 
 
-@pytest.mark.parametrize("cfg", [Config(), load_config(REPO / "configs" / "default.yaml")], ids=["defaults", "default.yaml"])
+@pytest.mark.parametrize("cfg", [Config(), load_config(REPO / "configs" / "default.yaml")],
+                         ids=["defaults", "default.yaml"])
 def test_defaults_and_default_yaml_are_the_reference(cfg):
     values = flat(cfg)
     assert {k: values[k] for k in REFERENCE} == REFERENCE
@@ -144,7 +145,8 @@ def test_every_key_round_trips_through_override_text_and_yaml():
 def test_every_key_has_help_and_a_resume_policy():
     for name, f in key_fields().items():
         assert f.metadata.get("help"), f"{name} has no help text"
-        assert f.metadata.get("resume") in (MATCH, FREE, CONSTANT_SCHEDULE, GLOBAL_BATCH), f"{name} has no resume policy"
+        assert f.metadata.get("resume") in (MATCH, FREE, CONSTANT_SCHEDULE, GLOBAL_BATCH), (
+            f"{name} has no resume policy")
 
 
 def test_every_key_is_in_the_readme_table():
@@ -216,7 +218,8 @@ def test_a_key_missing_from_an_older_saved_config_counts_as_its_default():
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True, allow_infinity=True),
-                   st.text(max_size=8), st.sampled_from(["rnn", "gru", "lstm", "bf16", "fp16", "memory", "auto", "1e-3"]),
+                   st.text(max_size=8),
+                   st.sampled_from(["rnn", "gru", "lstm", "bf16", "fp16", "memory", "auto", "1e-3"]),
                    st.lists(st.text(max_size=4), max_size=3))
 KEYS = st.one_of(st.sampled_from(all_keys()), st.text(min_size=1, max_size=12))
 

@@ -17,7 +17,8 @@ from tests.ranks import tiny_model_and_data
 
 def on_ranks(n: int, scenario: str):
     return run([str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                str(REPO / "tests" / "ranks.py"), scenario], timeout=120, env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+                str(REPO / "tests" / "ranks.py"), scenario], timeout=120,
+               env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
 
 
 def errors(stderr: str) -> list[str]:
@@ -46,7 +47,8 @@ def test_an_error_on_rank_1_only_is_printed_by_rank_1_naming_it():
     result = on_ranks(2, "rank1-error")
     assert result.returncode != 0
     assert errors(result.stderr) == [
-        f"distrnn.train: error on rank 1 (node {__import__('socket').gethostname().split('.')[0]}): rank 1's own problem"]
+        f"distrnn.train: error on rank 1 (node {__import__('socket').gethostname().split('.')[0]}): "
+        "rank 1's own problem"]
 
 
 def test_the_same_error_on_every_rank_is_printed_once():

@@ -39,7 +39,8 @@ def folder(tmp_path) -> RunFolder:
 
 
 @pytest.mark.parametrize("damage, what", [
-    (lambda c: (c.path / "model.safetensors").write_bytes(b""), "model.safetensors is 0 bytes, 4000 when it was written"),
+    (lambda c: (c.path / "model.safetensors").write_bytes(b""), "model.safetensors is 0 bytes, 4000 when it was "
+                                                                "written"),
     (lambda c: flip_byte(c.path / "optimizer.bin"), "optimizer.bin does not match its checksum (changed after "
                                                            "it was written)"),
     (lambda c: (c.path / "random_states_1.pkl").unlink(), "random_states_1.pkl is missing"),
@@ -178,7 +179,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, monk
     first = FolderHold(path)
     assert first.take() == []
     holder = first.read()
-    other = subprocess.run([sys.executable, "-c", "from pathlib import Path; from distrnn.folder_hold import FolderHold;"
+    other = subprocess.run([sys.executable, "-c",
+                            "from pathlib import Path; from distrnn.folder_hold import FolderHold;"
                             f"FolderHold(Path({str(path)!r})).take()"], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0
     assert f"DistrnnError: {path.parent} is in use by another run ({holder.describe()}); pass another --output-dir" \

@@ -53,7 +53,8 @@ def test_every_launch_config_keeps_the_callers_cuda_visible_devices(name, monkey
     )
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what the user, or SLURM's cgroup, chose
-    extra = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"] if name == "multinode.yaml" else []
+    extra = (["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
+             if name == "multinode.yaml" else [])
     args = launch_command_parser().parse_args(["--config_file", str(processes.launch_config(name)), *extra,
                                                "-m", "distrnn.train"])
     args, *_ = _validate_launch_command(args)

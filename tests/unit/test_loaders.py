@@ -103,7 +103,8 @@ def test_eval_shards_count_every_sample_exactly_once(n, world, batch):
     assert seen == Counter(range(n))
 
 
-@pytest.mark.parametrize("n, batch, world, accumulate", [(1000, 32, 1, 4), (1000, 32, 2, 3), (77, 8, 3, 2), (5, 4, 2, 3)])
+@pytest.mark.parametrize("n, batch, world, accumulate",
+                         [(1000, 32, 1, 4), (1000, 32, 2, 3), (77, 8, 3, 2), (5, 4, 2, 3)])
 def test_with_accumulation_every_optimizer_step_sees_a_full_global_batch(n, batch, world, accumulate):
     split = numbered(n)
     loaders = [MemoryLoader(split, batch, 0, rank, world, accumulate) for rank in range(world)]

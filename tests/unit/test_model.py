@@ -23,7 +23,8 @@ def test_reference_layers_match_the_seed():
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("head", ["all-steps", "last-step"])
 def test_output_shape_for_each_cell_and_head(cell, head):
-    model = StackedRNN(build_config(overrides=[f"model.cell={cell}", f"model.head={head}", "model.hidden_size=32"]).model)
+    model = StackedRNN(build_config(overrides=[f"model.cell={cell}", f"model.head={head}",
+                                               "model.hidden_size=32"]).model)
     assert isinstance(model.rnn, {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell])
     for shape in [(5, 1, 28, 28), (5, 28, 28)]:  # ToTensor batches and plain sequences
         assert model(torch.rand(shape)).shape == (5, 10)

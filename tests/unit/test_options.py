@@ -29,12 +29,14 @@ def test_train_options_reach_the_worker_unchanged(args):
 
 
 def test_evaluate_options_reach_the_worker_unchanged():
-    outer = parse(cli.evaluate_command, ["--checkpoint", "runs/x", "--mode", "cpu", "--limit", "5", "--batch-size", "9"])
+    outer = parse(cli.evaluate_command,
+                  ["--checkpoint", "runs/x", "--mode", "cpu", "--limit", "5", "--batch-size", "9"])
     inner = parse(evaluate.main, to_args(EVALUATE_OPTIONS, outer))
     assert inner == {"checkpoint": "runs/x", "data_dir": None, "batch_size": 9, "limit": 5, "precision": None}
 
 
 def test_both_hops_show_the_same_help():
-    for outer, inner, options in [(cli.train_command, train.main, CONFIG_OPTIONS), (cli.evaluate_command, evaluate.main, EVALUATE_OPTIONS)]:
+    for outer, inner, options in [(cli.train_command, train.main, CONFIG_OPTIONS),
+                                  (cli.evaluate_command, evaluate.main, EVALUATE_OPTIONS)]:
         for option in options:
             assert option in outer.params and option in inner.params

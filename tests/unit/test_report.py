@@ -14,7 +14,8 @@ from distrnn.run_folder import RunFolder
 from distrnn.tools import report
 from tests.helpers import one_line_error, run
 
-CLI = "from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; sys.exit(run_cli(command, prog='distrnn report'))"
+CLI = ("from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; "
+       "sys.exit(run_cli(command, prog='distrnn report'))")
 
 
 def distrnn_report(*args: str | Path) -> subprocess.CompletedProcess:

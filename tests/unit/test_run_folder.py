@@ -14,9 +14,11 @@ from distrnn.run_folder import RunFolder
 def test_every_path_lives_under_the_run_folder(tmp_path):
     folder = RunFolder(tmp_path / "run")
     paths = [folder.config, folder.metrics, folder.model, folder.summary, folder.checkpoints, folder.debug,
-             folder.wandb_parent, folder.checkpoint(7).path, folder.checkpoint(7, tmp=True).path, folder.debug_file(3, 1)]
+             folder.wandb_parent, folder.checkpoint(7).path, folder.checkpoint(7, tmp=True).path,
+             folder.debug_file(3, 1)]
     assert all(p == folder.root or folder.root in p.parents for p in paths)
-    assert folder.checkpoint(7).path.name == "step-00000007" and folder.checkpoint(7, tmp=True).path.name == ".tmp-step-00000007"
+    assert (folder.checkpoint(7).path.name == "step-00000007"
+            and folder.checkpoint(7, tmp=True).path.name == ".tmp-step-00000007")
     assert folder.checkpoint(7).step == folder.checkpoint(7, tmp=True).step == 7
 
 
