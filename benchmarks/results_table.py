@@ -59,7 +59,9 @@ def train_all(data_dir: str) -> dict:
                       **{k: summary[k] for k in ("test_correct", "test_seen", "train_correct", "train_seen",
                                                  "train_seconds", "samples_per_s", "steps")}}
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    return {"commit": commit.stdout.strip(), "machine": f"{machine()['cpu']}, {os.cpu_count()} cores", "runs": runs}
+    here = machine()  # the CPU's capability and bf16 beside its numbers: precision auto depends on them
+    return {"commit": commit.stdout.strip(), "runs": runs,
+            "machine": f"{here['cpu']} ({here['cpu_capability']}, bf16: {here['cpu_bf16']}), {os.cpu_count()} cores"}
 
 
 def pictures() -> None:
