@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distrnn.errors import DistrnnError
-from distrnn.integrity import fsync_folder
+from distrnn.run.integrity import fsync_folder
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

@@ -33,12 +33,14 @@ import os
 import signal
 import sys
 import time
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from distrnn.errors import DistrnnError
-from distrnn.run_folder import CheckpointFolder
+
+if TYPE_CHECKING:  # annotations only: the launcher imports this module and must not import torch
+    from torch import nn
+
+    from distrnn.run.folder import CheckpointFolder
 
 HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
@@ -166,6 +168,9 @@ def flatten_like_cudnn(rnn: nn.RNNBase) -> None:
     """
     if "cudnn-flat-weights" not in _active():
         return
+    import torch
+    from torch import nn
+
     names = list(rnn._flat_weights_names)
     tensors = [getattr(rnn, name).detach() for name in names]
     flat = torch.cat([t.reshape(-1) for t in tensors])
