@@ -36,7 +36,7 @@ test: $(STAMP)
 results: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.results_table $(ARGS)
 
-# The config table in docs/configuration.md, from the help text of each key in distrnn/config.py (a test keeps them equal).
+# The config table in docs/configuration.md, from the help text of each key in distrnn/config/schema.py (a test keeps them equal).
 docs: $(STAMP)
 	$(VENV)/bin/python -m devtools.readme
 

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from distrnn.config import ModelConfig
+from distrnn.config.schema import ModelConfig
 from distrnn.model import StackedRNN
 
 

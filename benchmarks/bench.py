@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distrnn import faults
+from distrnn.testing import faults
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 97.5
@@ -48,7 +48,7 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from distrnn import devices
+    from distrnn.ranks import devices
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -116,8 +116,8 @@ def run_bare(env, batch_size: int, precision: str, quick: bool) -> dict:
 
 def fast_settings(on_cpu: bool) -> tuple[int, str]:
     """The fast config's batch size and the precision it runs at here (its `auto` resolved as a run does)."""
-    from distrnn.config import load_config
-    from distrnn.devices import choose_precision
+    from distrnn.config.schema import load_config
+    from distrnn.ranks.devices import choose_precision
 
     cfg = load_config("fast")
     return cfg.train.batch_size, choose_precision(cfg.train.precision, on_cpu=on_cpu).chosen

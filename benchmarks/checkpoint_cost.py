@@ -26,11 +26,12 @@ from unittest import mock
 import torch
 
 from benchmarks.bench import machine
-from distrnn import checkpoint, faults, integrity
-from distrnn.checkpoint import Position
-from distrnn.config import ModelConfig
+from distrnn.config.schema import ModelConfig
 from distrnn.model import StackedRNN
-from distrnn.run_folder import RunFolder
+from distrnn.run import checkpoint, integrity
+from distrnn.run.checkpoint import Position
+from distrnn.run.folder import RunFolder
+from distrnn.testing import faults
 
 WAYS = {"as distrnn saves": (), "without checksums": ("record",), "without fsyncs": ("fsync",),
         "without either": ("record", "fsync")}

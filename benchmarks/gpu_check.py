@@ -81,7 +81,7 @@ def environment(ctx: Context) -> dict:
 
 @check("bf16 and fp16 run the RNN in that dtype (dtype probe)", needs="gpu")
 def dtype_probe(ctx: Context) -> dict:
-    from distrnn.config import build_config
+    from distrnn.config.schema import build_config
     from distrnn.model import StackedRNN
 
     model = StackedRNN(build_config().model).cuda()
@@ -101,7 +101,7 @@ def dtype_probe(ctx: Context) -> dict:
 
 @check("fp32 means fp32: no TF32 in the RNN unless train.tf32")
 def fp32_is_fp32(ctx: Context) -> dict:
-    from distrnn.devices import set_numerics
+    from distrnn.ranks.devices import set_numerics
 
     set_numerics(tf32=False, deterministic=False)
     if hasattr(torch.backends.cudnn, "rnn"):  # torch >= 2.9
@@ -144,11 +144,11 @@ def no_host_sync(ctx: Context) -> dict:
 def _cuda_sync_warnings(ctx: Context) -> dict:
     from accelerate.state import AcceleratorState
 
-    from distrnn.config import build_config
-    from distrnn.distributed import make_accelerator, teardown
-    from distrnn.nonfinite import CHECK_EVERY
-    from distrnn.preemption import StopRequest
-    from distrnn.trainer import Trainer
+    from distrnn.config.schema import build_config
+    from distrnn.ranks.collectives import make_accelerator, teardown
+    from distrnn.ranks.preemption import StopRequest
+    from distrnn.worker.nonfinite import CHECK_EVERY
+    from distrnn.worker.trainer import Trainer
 
     cfg = build_config(overrides=["data.train_samples=6400", "data.test_samples=100", f"data.dir={ctx.data_dir}",
                                   f"train.output_dir={ctx.work / 'sync-probe'}", "wandb.enabled=false",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.bench import machine
 from devtools.readme import replace_block
-from distrnn import faults
+from distrnn.testing import faults
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "readme_results.json"

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from unittest import mock
 
 from benchmarks.bench import machine
-from distrnn import faults
+from distrnn.testing import faults
 
 
 def timed_steps(trainer, steps: int) -> float:
@@ -58,11 +58,11 @@ def main() -> None:
     faults.refuse_in_measurements("benchmarks.timing_cost")
     from accelerate.state import AcceleratorState
 
-    from distrnn import rank_timing
-    from distrnn.config import load_config
-    from distrnn.distributed import make_accelerator, teardown
-    from distrnn.preemption import STOP_SIGNALS, StopRequest
-    from distrnn.trainer import Trainer
+    from distrnn.config.schema import load_config
+    from distrnn.ranks.collectives import make_accelerator, teardown
+    from distrnn.ranks.preemption import STOP_SIGNALS, StopRequest
+    from distrnn.worker import rank_timing
+    from distrnn.worker.trainer import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)

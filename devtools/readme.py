@@ -1,6 +1,6 @@
 """Documentation blocks made from code, so that they cannot drift from what they describe.
 
-    python -m devtools.readme        # rewrite docs/configuration.md's config table from distrnn/config.py (make docs)
+    python -m devtools.readme        # docs/configuration.md's config table from distrnn/config/schema.py (make docs)
 
 A block sits between a start and an end marker; tests/unit/test_readme.py fails when a block differs
 from what its source renders now.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from distrnn.config import key_fields
+from distrnn.config.schema import key_fields
 
 CONFIGURATION = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"  # the config table's page
-CONFIG_START = "<!-- config: generated from distrnn/config.py by `make docs`; do not edit by hand -->"
+CONFIG_START = "<!-- config: generated from distrnn/config/schema.py by `make docs`; do not edit by hand -->"
 CONFIG_END = "<!-- /config -->"
 
 
@@ -29,7 +29,7 @@ def shown_default(f: dataclasses.Field) -> str:
 
 def markdown_table() -> str:
     """The config table (docs/configuration.md): every key, its default and its help text, as declared in
-    distrnn/config.py."""
+    distrnn/config/schema.py."""
     rows = ["| key | default | on resume | meaning |", "| --- | --- | --- | --- |"]
     for name, f in key_fields().items():
         help_text = f.metadata["help"].replace("|", "\\|")

@@ -11,17 +11,19 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from distrnn import devices, engines, faults, processes
-from distrnn.config import default_data_dir, load_config
-from distrnn.devices import check_precision
-from distrnn.errors import DistrnnError, debug_enabled, run_cli
-from distrnn.options import (
+from distrnn.config.options import (
     CONFIG_OPTIONS,
     EVALUATE_OPTIONS,
     overrides_from,
     to_args,
     with_options,
 )
+from distrnn.config.schema import default_data_dir, load_config
+from distrnn.errors import DistrnnError, debug_enabled, run_cli
+from distrnn.launcher import engines, processes
+from distrnn.ranks import devices
+from distrnn.ranks.devices import check_precision
+from distrnn.testing import faults
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -40,7 +42,7 @@ class Commands(click.Group):
     (report) or onnx (export)."""
 
     TOOLS = {"predict": "distrnn.tools.predict", "export": "distrnn.tools.export", "report": "distrnn.tools.report",
-             "k8s-manifest": "distrnn.tools.kubernetes"}
+             "k8s-manifest": "distrnn.launcher.kubernetes"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.TOOLS]
@@ -121,7 +123,7 @@ def check_launcher_flags(launcher: str) -> None:
 
 
 def on_ray(cfg, mode: str, address: str | None, num_workers: str, max_failures: int, worker_args: list[str]) -> int:
-    from distrnn.ray_launcher import require_ray, run_on_ray, worker_counts
+    from distrnn.launcher.ray import require_ray, run_on_ray, worker_counts
 
     workers = worker_counts(num_workers)
     require_ray()
@@ -137,7 +139,7 @@ def on_ray(cfg, mode: str, address: str | None, num_workers: str, max_failures: 
 @processes_option
 def evaluate_command(mode: str, num_processes: int | None, **params: Any) -> None:
     """Exact train and test accuracy of a saved model, sharded across processes."""
-    from distrnn.model_files import load_model
+    from distrnn.run.model_files import load_model
 
     load_model(params["checkpoint"])  # a missing or torn file fails here with one line
     plan = processes.plan(mode, num_processes)

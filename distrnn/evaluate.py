@@ -1,19 +1,19 @@
 """The evaluation worker behind `distrnn evaluate` (`accelerate launch -m distrnn.evaluate`).
 
 Exact train and test accuracy of a saved model, sharded across processes; the metric is
-distrnn.metrics and the file format distrnn.model_files.
+distrnn.evaluation.counting and the file format distrnn.run.model_files.
 """
 
 from __future__ import annotations
 
 import click
 
-from distrnn.devices import will_run_on_cpu
-from distrnn.distributed import agree, main_print, make_accelerator, run_worker, teardown
-from distrnn.metrics import exact_accuracy
-from distrnn.mnist import load_split
-from distrnn.model_files import load_model
-from distrnn.options import EVALUATE_OPTIONS, with_options
+from distrnn.config.options import EVALUATE_OPTIONS, with_options
+from distrnn.data.mnist import load_split
+from distrnn.evaluation.counting import exact_accuracy
+from distrnn.ranks.collectives import agree, main_print, make_accelerator, run_worker, teardown
+from distrnn.ranks.devices import will_run_on_cpu
+from distrnn.run.model_files import load_model
 
 
 @with_options(EVALUATE_OPTIONS)

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from distrnn.config import ModelConfig
+from distrnn.config.schema import ModelConfig
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 # Mean and std of MNIST's 60,000 training pixels in [0, 1] (torchvision's MNIST example uses the same).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distrnn import mnist
+from distrnn.data import mnist
 from tests.helpers import BIN, IN_CI, REPO, distrnn, mnist_dir
 
 SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"

@@ -16,12 +16,12 @@ import time
 import click
 import torch
 
-from distrnn.config import build_config
-from distrnn.distributed import agree, from_main, make_accelerator, run_worker, teardown
+from distrnn.config.schema import build_config
+from distrnn.data.mnist import Split
 from distrnn.errors import DistrnnError
-from distrnn.metrics import evaluate_with_mistakes
-from distrnn.mnist import Split
+from distrnn.evaluation.counting import evaluate_with_mistakes
 from distrnn.model import StackedRNN
+from distrnn.ranks.collectives import agree, from_main, make_accelerator, run_worker, teardown
 
 
 def tiny_model_and_data(n: int = 1001) -> tuple[StackedRNN, Split]:
@@ -39,8 +39,8 @@ def accumulate(acc) -> None:
     """A real Trainer on 2 ranks with grad_accum_steps=3: at which batches DDP all-reduced gradients."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from distrnn.preemption import StopRequest
-    from distrnn.trainer import Trainer
+    from distrnn.ranks.preemption import StopRequest
+    from distrnn.worker.trainer import Trainer
 
     cfg = build_config(overrides=["data.train_samples=640", "data.test_samples=100", "train.batch_size=16",
                                   "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false",

@@ -37,10 +37,10 @@ import click
 import torch
 from torch import nn
 
+from distrnn.data.mnist import load_split
 from distrnn.errors import DistrnnError, first_line
-from distrnn.mnist import load_split
 from distrnn.model import StackedRNN
-from distrnn.model_files import load_model
+from distrnn.run.model_files import load_model
 
 FORMATS = ("onnx", "torchscript")
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # export (onnx + onnxscript), then the parity check

@@ -3,7 +3,7 @@
 Inputs are image files (PNG, JPEG, ...; any size and mode), folders of them, and arrays of 28x28
 images: MNIST's IDX format (unsigned bytes) or NPY (uint8 0-255, or float in [0, 1]). The kind of a
 file is told by its first bytes, not its name, so a misnamed file gets the right reader or a clear
-reason. Every input ends as training data does, uint8 / 255 (distrnn.mnist.Split.batch), so a model
+reason. Every input ends as training data does, uint8 / 255 (distrnn.data.mnist.Split.batch), so a model
 sees exactly what it was trained on.
 
 A bad input (missing, unreadable, not an image, wrong shape) costs one line on stderr and exit
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from distrnn.data.mnist import read_idx
 from distrnn.errors import DistrnnError, first_line
-from distrnn.mnist import read_idx
 from distrnn.model import StackedRNN
-from distrnn.model_files import load_model
+from distrnn.run.model_files import load_model
 
 SIDE = 28  # MNIST's image side: what every model here reads (28 steps of 28 pixels)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".pnm", ".ppm")

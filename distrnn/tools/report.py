@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from distrnn.errors import DistrnnError, first_line
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 from distrnn.tools.time_split import draw_time_split
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """Where each run's training time went, for `distrnn report`'s bottom panel: summary.json's per-rank split
-(rank_timing.py), the mean over a run's ranks, as one stacked bar per run."""
+(distrnn/worker/rank_timing.py), the mean over a run's ranks, as one stacked bar per run."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distrnn import devices
+from distrnn.ranks import devices
 from tests.helpers import BIN, run
 
 pytestmark = pytest.mark.slow

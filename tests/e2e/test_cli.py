@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distrnn import processes
+from distrnn.launcher import processes
 from tests.helpers import BIN, distrnn, one_line_error, run
 
 
@@ -83,7 +83,7 @@ def test_env_reports_versions_and_launch_config():
         assert word in result.stdout
     import torch
 
-    from distrnn import devices  # the CPU line names torch's capability and whether bf16 is native here
+    from distrnn.ranks import devices  # the CPU line names torch's capability and whether bf16 is native here
     native = devices.cpu_bf16_native()
     assert f", {torch.backends.cpu.get_cpu_capability()}, bf16: {native or 'emulated'}" in result.stdout
 

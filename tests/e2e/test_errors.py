@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distrnn import devices
 from distrnn.errors import DistrnnError
+from distrnn.ranks import devices
 from tests.conftest import require
 from tests.helpers import (
     distrnn,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrnn.data.mnist import load_split
 from distrnn.errors import run_cli
-from distrnn.mnist import load_split
-from distrnn.model_files import load_model
+from distrnn.run.model_files import load_model
 from distrnn.tools import export
 from tests.helpers import BIN, one_line_error, run, train_small_model
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from distrnn.preemption import REQUEUE_EXIT_CODE
+from distrnn.ranks.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import (
     counts,
     distrnn,

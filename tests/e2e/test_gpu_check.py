@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distrnn.devices import visible_gpus
+from distrnn.ranks.devices import visible_gpus
 from tests.helpers import BIN, run
 
 pytestmark = pytest.mark.slow

@@ -35,7 +35,10 @@ def installed(tmp_path_factory) -> Path:
 
 def test_wheel_ships_the_configs_and_launch_configs(installed, tmp_path):
     where = run([str(installed / "bin" / "python"), "-c",
-                 "import distrnn, distrnn.configs, distrnn.launch; print(distrnn.__file__)"], cwd=tmp_path)
+                 "import distrnn, distrnn.configs, distrnn.launch, distrnn.config.schema, distrnn.data.loaders,"
+                 " distrnn.evaluation.evaluator, distrnn.launcher.processes, distrnn.ranks.collectives,"
+                 " distrnn.run.checkpoint, distrnn.testing.faults, distrnn.tools.report, distrnn.worker.trainer;"
+                 " print(distrnn.__file__)"], cwd=tmp_path)  # every subpackage is in the wheel
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(installed)  # the wheel, not the checkout
     env = run([str(installed / "bin" / "distrnn"), "env"], cwd=tmp_path, timeout=120)

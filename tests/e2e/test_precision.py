@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distrnn import devices
+from distrnn.ranks import devices
 from tests.helpers import counts, distrnn
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distrnn.mnist import IMAGES_MAGIC, Split, load_split
-from distrnn.model_files import load_model
+from distrnn.data.mnist import IMAGES_MAGIC, Split, load_split
+from distrnn.run.model_files import load_model
 from tests.helpers import BIN, one_line_error, run, train_small_model
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 from distrnn.tools import report
 from tests.helpers import distrnn, run
 

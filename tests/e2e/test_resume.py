@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from distrnn.preemption import REQUEUE_EXIT_CODE
+from distrnn.ranks.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import (
     BIN,
     counts,

@@ -8,10 +8,10 @@ import stat
 
 import pytest
 
-from distrnn.config import Config
+from distrnn.config.schema import Config
 from distrnn.model import StackedRNN
-from distrnn.model_files import save_model
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
+from distrnn.run.model_files import save_model
 from tests.helpers import distrnn, one_line_error
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distrnn.config import load_config
-from distrnn.run_folder import RunFolder
+from distrnn.config.schema import load_config
+from distrnn.run.folder import RunFolder
 from distrnn.tools import report
 from tests.conftest import slurm_environment
 from tests.helpers import BIN, REPO, one_line_error, run

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from distrnn.config import load_config
-from distrnn.run_folder import RunFolder
+from distrnn.config.schema import load_config
+from distrnn.run.folder import RunFolder
 from tests.helpers import BIN, REPO, one_line_error, run
 
 pytestmark = pytest.mark.slow

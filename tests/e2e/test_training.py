@@ -11,7 +11,7 @@ import torch
 import yaml
 from torchvision import datasets, transforms
 
-from distrnn.model_files import load_model
+from distrnn.run.model_files import load_model
 from tests.helpers import BIN, counts, distrnn, run
 
 pytestmark = pytest.mark.slow

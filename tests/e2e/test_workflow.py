@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from distrnn.loaders import hold_out
-from distrnn.metrics import exact_accuracy
-from distrnn.mnist import load_split
-from distrnn.model_files import load_model
+from distrnn.data.loaders import hold_out
+from distrnn.data.mnist import load_split
+from distrnn.evaluation.counting import exact_accuracy
+from distrnn.run.model_files import load_model
 from tests.helpers import counts, distrnn
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from distrnn import checkpoint, integrity
-from distrnn.config import Config, build_config
+from distrnn.config.schema import Config, build_config
 from distrnn.errors import DistrnnError
-from distrnn.run_folder import RunFolder
+from distrnn.run import checkpoint, integrity
+from distrnn.run.folder import RunFolder
 
 
 def make(folder: RunFolder, step: int, complete: bool = True, tmp: bool = False, cfg: Config | None = None,

@@ -5,7 +5,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrnn.config import (
+from distrnn.config.schema import (
     CONSTANT_SCHEDULE,
     FREE,
     GLOBAL_BATCH,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrnn import devices
+from distrnn.ranks import devices
 
 
 @pytest.fixture

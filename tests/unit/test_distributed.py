@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distrnn.distributed import peer_failure
 from distrnn.errors import PeerUnresponsive
+from distrnn.ranks.collectives import peer_failure
 from tests.helpers import BIN, REPO, run
 from tests.ranks import tiny_model_and_data
 

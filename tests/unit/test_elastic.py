@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from distrnn import elastic
-from distrnn.config import build_config
-from distrnn.elastic import Layout
+from distrnn.config.schema import build_config
 from distrnn.errors import DistrnnError
+from distrnn.run import elastic
+from distrnn.run.elastic import Layout
 
 SAVED = Layout(processes=2, batch_size=64, accumulation=1)  # global batch 128
 

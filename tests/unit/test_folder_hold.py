@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from distrnn.errors import DistrnnError
-from distrnn.folder_hold import STALE_AFTER_S, FolderHold, Holder
+from distrnn.run.hold import STALE_AFTER_S, FolderHold, Holder
 from tests.helpers import process_env
 
 # Takes the hold, says "held" or "refused: <the one line>", and keeps holding until its stdin closes.
@@ -21,7 +21,7 @@ TAKER = """
 import sys
 from pathlib import Path
 from distrnn.errors import DistrnnError
-from distrnn.folder_hold import FolderHold
+from distrnn.run.hold import FolderHold
 hold = FolderHold(Path(sys.argv[1]))
 try:
     hold.take()

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from distrnn import checkpoint, integrity
 from distrnn.errors import DistrnnError
-from distrnn.folder_hold import STALE_AFTER_S, FolderHold, Holder
-from distrnn.model_files import load_model
-from distrnn.run_folder import RunFolder
+from distrnn.run import checkpoint, integrity
+from distrnn.run.folder import RunFolder
+from distrnn.run.hold import STALE_AFTER_S, FolderHold, Holder
+from distrnn.run.model_files import load_model
 from tests.helpers import flip_byte
 
 
@@ -88,9 +88,9 @@ def test_pruning_never_touches_a_set_aside_checkpoint(folder):
 
 def test_model_files_are_verified_against_their_manifest(tmp_path):
     """evaluate, predict and export all load through load_model: one line for a damaged file."""
-    from distrnn.config import Config
+    from distrnn.config.schema import Config
     from distrnn.model import StackedRNN
-    from distrnn.model_files import save_model
+    from distrnn.run.model_files import save_model
 
     run = RunFolder(tmp_path / "run")
     run.root.mkdir()
@@ -138,9 +138,9 @@ def run_folder_in_use(tmp_path) -> RunFolder:
 
 
 def save_default_model(run: RunFolder) -> None:
-    from distrnn.config import Config
+    from distrnn.config.schema import Config
     from distrnn.model import StackedRNN
-    from distrnn.model_files import save_model
+    from distrnn.run.model_files import save_model
 
     save_model(StackedRNN(Config().model).state_dict(), Config().to_dict(), run)
 
@@ -180,7 +180,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, monk
     assert first.take() == []
     holder = first.read()
     other = subprocess.run([sys.executable, "-c",
-                            "from pathlib import Path; from distrnn.folder_hold import FolderHold;"
+                            "from pathlib import Path; from distrnn.run.hold import FolderHold;"
                             f"FolderHold(Path({str(path)!r})).take()"], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0
     assert f"DistrnnError: {path.parent} is in use by another run ({holder.describe()}); pass another --output-dir" \

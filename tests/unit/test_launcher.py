@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distrnn import agent, processes
 from distrnn.errors import DistrnnError
+from distrnn.launcher import agent, processes
 from tests.helpers import REPO
 
 
@@ -151,7 +151,7 @@ def test_a_rank_that_another_rank_named_unresponsive_is_not_reported_as_killed_t
 
 
 def test_gloo_uses_the_interface_that_routes_to_the_main_machine_unless_told(monkeypatch):
-    from distrnn import network
+    from distrnn.launcher import network
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     assert network.gloo_interface("127.0.0.1") == ("lo", "127.0.0.1", False)
@@ -160,7 +160,7 @@ def test_gloo_uses_the_interface_that_routes_to_the_main_machine_unless_told(mon
 
 
 def test_a_main_machine_address_that_does_not_resolve_is_one_line(monkeypatch):
-    from distrnn import network
+    from distrnn.launcher import network
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     with pytest.raises(DistrnnError, match=r"^--main-process-ip no-such-host\.invalid does not resolve"):

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrnn.loaders import MemoryLoader, eval_batches
-from distrnn.mnist import Split
+from distrnn.data.loaders import MemoryLoader, eval_batches
+from distrnn.data.mnist import Split
 
 
 def numbered(n: int) -> Split:
@@ -118,7 +118,7 @@ def test_with_accumulation_every_optimizer_step_sees_a_full_global_batch(n, batc
 
 
 def test_the_validation_holdout_is_seeded_disjoint_and_never_trained_on():
-    from distrnn.loaders import hold_out
+    from distrnn.data.loaders import hold_out
 
     split = numbered(1000)
     keep, held = hold_out(len(split), 100, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrnn import mnist
+from distrnn.data import mnist
 from distrnn.errors import DistrnnError
 from tests.helpers import header, replace
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from distrnn import mnist
+from distrnn.data import mnist
 from tests.helpers import process_env
 
 # One process's load: torchvision's MNIST pointed at the fake mirror; with a pause folder, the extraction of
@@ -25,7 +25,7 @@ LOADER = """
 import os, sys, time
 from torchvision import datasets
 from torchvision.datasets import utils
-from distrnn import mnist
+from distrnn.data import mnist
 data, mirror, md5s, pause = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
 datasets.MNIST.mirrors = [mirror]
 datasets.MNIST.resources = [(f"{name}.gz", md5) for name, md5 in zip(mnist.RAW_FILES, md5s)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distrnn.config import build_config
+from distrnn.config.schema import build_config
 from distrnn.model import StackedRNN, count_parameters
 
 

@@ -6,7 +6,7 @@ import click
 import pytest
 
 from distrnn import cli, evaluate, train
-from distrnn.options import CONFIG_OPTIONS, EVALUATE_OPTIONS, to_args
+from distrnn.config.options import CONFIG_OPTIONS, EVALUATE_OPTIONS, to_args
 
 
 def parse(command: click.Command, args: list[str]) -> dict:

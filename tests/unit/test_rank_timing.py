@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from distrnn import rank_timing
-from distrnn.rank_timing import SLOW_INTERVALS, RankTiming
+from distrnn.worker import rank_timing
+from distrnn.worker.rank_timing import SLOW_INTERVALS, RankTiming
 
 
 class Timing(RankTiming):

@@ -8,18 +8,19 @@ import sys
 
 import pytest
 
-from distrnn.checkpoint import find_resume
-from distrnn.config import Config, load_config
+from distrnn.config.options import CONFIG_OPTIONS, overrides_from, to_args
+from distrnn.config.schema import Config, load_config
 from distrnn.errors import ConfigError
-from distrnn.options import CONFIG_OPTIONS, overrides_from, to_args
-from distrnn.ray_launcher import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
-from distrnn.run_folder import RunFolder
+from distrnn.launcher.ray import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
+from distrnn.run.checkpoint import find_resume
+from distrnn.run.folder import RunFolder
 from tests.helpers import distrnn, flip_byte, one_line_error
 from tests.unit.test_integrity import published
 
 
 def test_a_plain_install_imports_nothing_of_ray():
-    code = ("import sys, distrnn.cli, distrnn.train, distrnn.trainer, distrnn.ray_launcher, distrnn.engines;"
+    code = ("import sys, distrnn.cli, distrnn.train, distrnn.worker.trainer, distrnn.launcher.ray,"
+            " distrnn.launcher.engines;"
             "from distrnn.cli import main;"
             "main.main(['train', '--help'], standalone_mode=False);"
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from devtools import readme
-from distrnn.config import key_fields
+from distrnn.config.schema import key_fields
 from tests.helpers import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 from distrnn.tools import report
 from tests.helpers import one_line_error, run
 

@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 
 from distrnn.errors import DistrnnError
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 
 
 def test_every_path_lives_under_the_run_folder(tmp_path):

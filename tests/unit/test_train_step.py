@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from distrnn.config import build_config
-from distrnn.distributed import make_accelerator, teardown
+from distrnn.config.schema import build_config
 from distrnn.errors import DistrnnError
-from distrnn.nonfinite import CHECK_EVERY
-from distrnn.preemption import STOP_SIGNALS, StopRequest
-from distrnn.trainer import Trainer
+from distrnn.ranks.collectives import make_accelerator, teardown
+from distrnn.ranks.preemption import STOP_SIGNALS, StopRequest
+from distrnn.worker.nonfinite import CHECK_EVERY
+from distrnn.worker.trainer import Trainer
 
 # The tensor methods that make the host wait for the device (on a GPU) to read a value.
 SYNCS = {"item", "__bool__", "__int__", "__float__", "tolist", "numpy", "__index__", "nonzero"}
@@ -100,7 +100,7 @@ def test_fp16_skip_is_seen_through_accelerates_optimizer_with_a_fused_adam(tmp_p
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.state import AcceleratorState
 
-    from distrnn.nonfinite import ScalerSkips
+    from distrnn.worker.nonfinite import ScalerSkips
 
     accelerator = make_accelerator("no", 0, 300, str(tmp_path))  # the state AcceleratedOptimizer reads
     model = torch.nn.Linear(4, 2)

@@ -22,7 +22,7 @@ from typing import Any
 
 import xxhash
 
-from distrnn import faults
+from distrnn.testing import faults
 
 CHUNK = 1 << 20  # read in 1 MiB pieces (faster here than one read or an mmap: 0.2 ms for a 3.3 MB checkpoint)
 

@@ -23,14 +23,15 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, set_seed
 
-from distrnn import elastic, faults, integrity
-from distrnn.config import MATCH, Change, Config, changes_since
-from distrnn.config_values import read_yaml
-from distrnn.distributed import agree, from_main, main_print
+from distrnn.config.schema import MATCH, Change, Config, changes_since
+from distrnn.config.values import read_yaml
 from distrnn.errors import DistrnnError
-from distrnn.folder_hold import FolderHold
-from distrnn.model_files import save_model_folder
-from distrnn.run_folder import CheckpointFolder, RunFolder
+from distrnn.ranks.collectives import agree, from_main, main_print
+from distrnn.run import elastic, integrity
+from distrnn.run.folder import CheckpointFolder, RunFolder
+from distrnn.run.hold import FolderHold
+from distrnn.run.model_files import save_model_folder
+from distrnn.testing import faults
 
 
 @dataclass

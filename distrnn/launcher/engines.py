@@ -5,7 +5,7 @@
 - a Kubeflow PyTorchJob (training-operator v1) sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE (its pods) and RANK
   (this pod), for one launcher per pod;
 - SLURM sets SLURM_JOB_ID (slurm/*.sh pass distrnn their own flags);
-- Ray: `distrnn train --launcher ray` (distrnn.ray_launcher), RAY_ADDRESS for the cluster;
+- Ray: `distrnn train --launcher ray` (distrnn.launcher.ray), RAY_ADDRESS for the cluster;
 - plain torchrun: TORCHELASTIC_RUN_ID (distrnn started inside a torchrun worker).
 `distrnn train` takes what the engine says for every machine flag the command line leaves out, so a pod
 runs `distrnn train --config fast` and nothing else; `distrnn env` shows what was read.

@@ -2,7 +2,7 @@
 
 The TrainJob uses the torch-distributed runtime, which starts one pod per node with PET_NNODES,
 PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT set, as for a bare torchrun:
-`distrnn train` reads them (distrnn.engines), so the pod command needs no machine flags. The run folder
+`distrnn train` reads them (distrnn.launcher.engines), so the pod command needs no machine flags. The run folder
 lives on a shared volume (a PersistentVolumeClaim mounted on every pod), so a restarted set of pods resumes
 from its newest checkpoint that verifies. Preemption: a pod's SIGTERM makes every rank save a checkpoint
 and exit 75 within the grace period; JobSet restarts the whole set on a failure, and the new pods resume.

@@ -1,6 +1,6 @@
 """The worker processes of a run: how many, on which device (`plan`, from `--mode/--num-processes`),
 and starting them: the worker in this process when it is one process, else torchrun's agent in this
-process (distrnn.agent).
+process (distrnn.launcher.agent).
 
 Each plan names the accelerate launch config in launch/ (installed as distrnn.launch) that starts the
 same processes with `accelerate launch --config_file launch/*.yaml -m distrnn.train` (`distrnn env`
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from distrnn import engines
-from distrnn.agent import free_port, run_agent
-from distrnn.devices import check_allocated_gpus_usable, visible_gpus
 from distrnn.errors import DistrnnError, first_line, run_cli
-from distrnn.folder_hold import RUN_ID_VARIABLE
-from distrnn.network import gloo_interface, wait_for_main
+from distrnn.launcher import engines
+from distrnn.launcher.agent import free_port, run_agent
+from distrnn.launcher.network import gloo_interface, wait_for_main
+from distrnn.ranks.devices import check_allocated_gpus_usable, visible_gpus
+from distrnn.run.hold import RUN_ID_VARIABLE
 
 MODES = ("auto", "cpu", "gpu", "ddp")
 
@@ -154,7 +154,7 @@ def torchrun_args(p: Plan, module: str, worker_args: list[str], rendezvous_timeo
     return [f"--nnodes={m.count}", f"--nproc-per-node={p.num_processes}", f"--node-rank={m.rank}",
             f"--master-addr={m.main_ip}", f"--master-port={m.main_port}", "--rdzv-backend=static",
             f"--rdzv-conf=timeout={rendezvous_timeout}", "--max-restarts=0", "--monitor-interval=0.1",
-            # the main thread handles every signal (distrnn.agent); these are what the agent would have
+            # the main thread handles every signal (distrnn.launcher.agent); these are what the agent would have
             "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "--module", module, *worker_args]
 
 

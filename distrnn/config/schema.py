@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from distrnn.config_values import coerce, parse_override, read_yaml
+from distrnn.config.values import coerce, parse_override, read_yaml
 from distrnn.errors import ConfigError
 
 CELLS = ("rnn", "gru", "lstm")

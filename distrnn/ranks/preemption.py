@@ -3,7 +3,7 @@
 Workers only set a flag in the handler; the training loop finishes its step, all ranks agree
 through one reduction, and every rank saves the same step.
 
-In a multi-process run the launcher (distrnn.processes) receives the user's or SLURM's signal and
+In a multi-process run the launcher (distrnn.launcher.processes) receives the user's or SLURM's signal and
 passes it on to its workers as FORWARDED[signal], telling them so (FORWARDED_VARIABLE). A SIGTERM that
 reaches such a worker directly is then torchrun's agent ending it because another worker failed: it
 keeps its default action, so that a worker blocked in a collective ends at once instead of trying to

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from distrnn import faults
-from distrnn.config import Config
-from distrnn.distributed import agree, shard_indices
-from distrnn.mnist import Split, ensure_downloaded, load_split
+from distrnn.config.schema import Config
+from distrnn.data.mnist import Split, ensure_downloaded, load_split
+from distrnn.ranks.collectives import agree, shard_indices
+from distrnn.testing import faults
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from distrnn.config import Config
+from distrnn.config.schema import Config
 from distrnn.errors import DistrnnError
 
 

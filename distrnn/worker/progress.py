@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from distrnn.distributed import dist_mean, dist_sum
-from distrnn.rank_timing import RankTiming
+from distrnn.ranks.collectives import dist_mean, dist_sum
+from distrnn.worker.rank_timing import RankTiming
 
 
 class Clock:

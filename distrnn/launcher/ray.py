@@ -24,10 +24,9 @@ from typing import Any
 
 import click
 
-from distrnn.config import load_config
+from distrnn.config.options import config_options, overrides_from
+from distrnn.config.schema import load_config
 from distrnn.errors import ConfigError, DistrnnError, PeerLost, exit_status, first_line, run_cli
-from distrnn.options import config_options, overrides_from
-from distrnn.train import run_training
 
 
 def require_ray():
@@ -72,7 +71,7 @@ def torch_config(backend: str, timeout_s: int):
 def _choose_gloo_interface() -> None:
     import ray
 
-    from distrnn.network import interface_with
+    from distrnn.launcher.network import interface_with
 
     if not os.environ.get("GLOO_SOCKET_IFNAME"):
         name = interface_with(ray.util.get_node_ip_address())
@@ -150,6 +149,8 @@ class WorkerFailed(Exception):
 @click.command()
 def ray_worker(config_file: str | None, **params: Any) -> None:
     """distrnn.train's entry point, with every published checkpoint reported to Ray."""
+    from distrnn.worker.training import run_training  # the worker side: torch, on Ray's workers only
+
     run_training(load_config(config_file, overrides_from(params)), on_checkpoint=_report)
 
 

@@ -22,9 +22,9 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from PIL import Image
 
-from distrnn.config import WandbConfig, flatten
+from distrnn.config.schema import WandbConfig, flatten
 from distrnn.errors import first_line
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 
 LABELS = {"wandb": "W&B", "tensorboard": "TensorBoard"}  # accelerate's tracker name -> the name warnings use
 TENSORBOARD_MISSING = ("TensorBoard is not installed; training continues without it (pip install tensorboard, "

@@ -29,9 +29,15 @@ from accelerate.utils import (
     set_seed,
 )
 
-from distrnn import faults
-from distrnn.devices import check_precision, choose_precision, emulated_bf16_warning, set_numerics, will_run_on_cpu
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, run_cli
+from distrnn.ranks.devices import (
+    check_precision,
+    choose_precision,
+    emulated_bf16_warning,
+    set_numerics,
+    will_run_on_cpu,
+)
+from distrnn.testing import faults
 
 T = TypeVar("T")
 

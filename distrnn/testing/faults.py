@@ -35,13 +35,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from distrnn.errors import DistrnnError
 
-if TYPE_CHECKING:  # an annotation only: importing it here closed a cycle (run_folder -> integrity -> faults)
-    from distrnn.run_folder import CheckpointFolder
+if TYPE_CHECKING:  # annotations only: the launcher imports this module and must not import torch; and
+    # run.folder -> run.integrity -> testing.faults -> run.folder would be a cycle
+    from torch import nn
+
+    from distrnn.run.folder import CheckpointFolder
 
 HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
@@ -169,6 +169,9 @@ def flatten_like_cudnn(rnn: nn.RNNBase) -> None:
     """
     if "cudnn-flat-weights" not in _active():
         return
+    import torch
+    from torch import nn
+
     names = list(rnn._flat_weights_names)
     tensors = [getattr(rnn, name).detach() for name in names]
     flat = torch.cat([t.reshape(-1) for t in tensors])

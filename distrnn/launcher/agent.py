@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import psutil
 
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, debug_enabled
-from distrnn.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
+from distrnn.ranks.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 KILL_AFTER_S = 20  # after SIGINT/SIGHUP/SIGQUIT: workers still running then are killed (a collective holds them)
@@ -52,7 +52,7 @@ class _Agent(threading.Thread):
     def run(self) -> None:
         import torch.distributed.run as torchrun
 
-        from distrnn import faults
+        from distrnn.testing import faults
 
         try:
             torchrun.run(torchrun.get_args_parser().parse_args(self.args()))

@@ -1,21 +1,29 @@
 """Evaluations of the model being trained: during training (the validation holdout when there is one,
 else test, as the seed does), the final test with its most confident mistakes, and the training set.
 
-The counting itself is distrnn.metrics (exact: unpadded shards, one all-reduce); this module decides
+The counting itself is distrnn.evaluation.counting (exact: unpadded shards, one all-reduce); this module decides
 what is evaluated when, keeps the results, and names their metrics once.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from accelerate import Accelerator
 from torch import nn
 
-from distrnn.metrics import Evaluation, Mistake, evaluate_with_mistakes, exact_accuracy
-from distrnn.mnist import Split
-from distrnn.progress import Progress
+from distrnn.data.mnist import Split
+from distrnn.evaluation.counting import Evaluation, Mistake, evaluate_with_mistakes, exact_accuracy
+
+
+class Pausable(Protocol):
+    """The worker's progress clock (distrnn.worker.progress.Progress), seen from here: evaluation time is paused
+    out of the training throughput. A protocol, so that evaluation never imports the worker above it."""
+
+    def paused(self) -> AbstractContextManager[None]: ...
+
 
 MISTAKES = 25  # the most confident mistakes of the final test evaluation kept for errors.png and W&B (a 5x5 grid)
 
@@ -46,7 +54,7 @@ class Evaluator:
     """
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, batch_size: int, val_set: Split | None,
-                 test_set: Split, progress: Progress):
+                 test_set: Split, progress: Pausable):
         self.accelerator, self.model, self.batch_size = accelerator, model, batch_size
         self.val_set, self.test_set, self.progress = val_set, test_set, progress
         self.last_test: Evaluation | None = None  # the test evaluation after the last epoch, if training made one

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from distrnn.loaders import eval_batches
-from distrnn.mnist import Split
+from distrnn.data.loaders import eval_batches
+from distrnn.data.mnist import Split
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from distrnn.data.loaders import Batch
 from distrnn.errors import DistrnnError
-from distrnn.loaders import Batch
-from distrnn.run_folder import RunFolder
+from distrnn.run.folder import RunFolder
 
 CHECK_EVERY = 10  # steps between host reads: a stop signal waits at most this many steps
 

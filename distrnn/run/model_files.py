@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from distrnn import integrity
-from distrnn.config import Config, build_config
+from distrnn.config.schema import Config, build_config
 from distrnn.errors import DistrnnError
 from distrnn.model import StackedRNN
-from distrnn.run_folder import CheckpointFolder, RunFolder
+from distrnn.run import integrity
+from distrnn.run.folder import CheckpointFolder, RunFolder
 
 CONFIG_KEY = "distrnn_config"  # model.safetensors metadata: the resolved config, as JSON
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from distrnn import faults
 from distrnn.errors import DistrnnError, Quiet
+from distrnn.testing import faults
 
 RUN_ID_VARIABLE = "DISTRNN_RUN_ID"  # set by distrnn's launchers for their workers
 REFRESH_S = 30

@@ -9,7 +9,7 @@
     RUN/checkpoints/step-N/  accelerate's save_state + meta.json (with every file's size and checksum);
                              .tmp-step-N while being written, .damaged-step-N once set aside
     RUN/manifest.json        the size and checksum of model.pt and model.safetensors
-    RUN/.hold                which run owns the folder (folder_hold.py)
+    RUN/.hold                which run owns the folder (hold.py)
     RUN/best/                the best model by validation accuracy (checkpoint.keep_best)
     RUN/debug/               what a non-finite loss left behind
     RUN/profile/rank-R.json  train.profile_steps: each rank's trace
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distrnn.errors import DistrnnError
-from distrnn.integrity import fsync_folder
+from distrnn.run.integrity import fsync_folder
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

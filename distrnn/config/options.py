@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from distrnn.config import PRECISIONS, key_fields
+from distrnn.config.schema import PRECISIONS, key_fields
 from distrnn.errors import ConfigError
 
 # flag name -> config key: typed flags are shorthands for --set KEY=VALUE

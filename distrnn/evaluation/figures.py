@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from distrnn.metrics import Evaluation, Mistake
-from distrnn.run_folder import RunFolder
+from distrnn.evaluation.counting import Evaluation, Mistake
+from distrnn.run.folder import RunFolder
 
 CELL, MARGIN = 44, 70  # confusion matrix: pixels per cell, room for the axis labels
 SCALE, TITLE = 4, 18  # mistakes: 28x28 digits drawn 112x112, with a line of text above each

@@ -20,22 +20,30 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from distrnn import faults, loaders
-from distrnn.checkpoint import Checkpointer, OnSaved
-from distrnn.config import Config
-from distrnn.devices import PrecisionChoice, choose_precision
-from distrnn.distributed import agree, dist_sum, main_print
-from distrnn.evaluator import Evaluator, best_validation, metrics, patience_exhausted, summary, validation_summary
-from distrnn.folder_hold import FolderHold
+from distrnn.config.schema import Config
+from distrnn.data import loaders
+from distrnn.evaluation import figures
+from distrnn.evaluation.evaluator import (
+    Evaluator,
+    best_validation,
+    metrics,
+    patience_exhausted,
+    summary,
+    validation_summary,
+)
 from distrnn.model import StackedRNN, count_parameters
-from distrnn.model_files import save_model
-from distrnn.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite
-from distrnn.preemption import StoppedOnRequest, StopRequest
-from distrnn.profiling import StepProfile
-from distrnn.progress import Progress
-from distrnn.run_folder import RunFolder
-from distrnn.tools import figures
-from distrnn.tracking import RunLog
+from distrnn.ranks.collectives import agree, dist_sum, main_print
+from distrnn.ranks.devices import PrecisionChoice, choose_precision
+from distrnn.ranks.preemption import StoppedOnRequest, StopRequest
+from distrnn.run.checkpoint import Checkpointer, OnSaved
+from distrnn.run.folder import RunFolder
+from distrnn.run.hold import FolderHold
+from distrnn.run.model_files import save_model
+from distrnn.testing import faults
+from distrnn.worker.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite
+from distrnn.worker.profiling import StepProfile
+from distrnn.worker.progress import Progress
+from distrnn.worker.tracking import RunLog
 
 
 def onecycle(accelerator: Accelerator, optimizer, cfg: Config, steps_per_epoch: int):

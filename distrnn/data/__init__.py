@@ -1,0 +1,1 @@
+"""MNIST: the files (mnist) and the sharded loaders."""

@@ -1,0 +1,45 @@
+"""One training process's run: make the Accelerator and the heartbeats, run the Trainer's fit, turn a lost
+peer into one line, and release what it took. Called by the entry module (`python -m distrnn.train`) and by Ray's
+workers (distrnn/launcher/ray.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from distrnn.config.schema import Config
+from distrnn.ranks.collectives import Heartbeats, make_accelerator, peer_failure, teardown
+from distrnn.ranks.preemption import StopRequest
+from distrnn.run.folder import RunFolder
+from distrnn.run.hold import FolderHold
+
+if TYPE_CHECKING:
+    from distrnn.run.checkpoint import OnSaved
+
+
+def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str, Any]:
+    """This process's part of a run: the Trainer's fit, with a lost peer turned into one line. `on_checkpoint`
+    (path, step) is called on every rank after each checkpoint is published (Ray's launcher reports them)."""
+    from distrnn.worker.trainer import Trainer
+
+    stop_request = StopRequest()  # first, so a signal during start-up is not lost
+    hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken by the Trainer before it writes there
+    accelerator = trainer = heartbeats = None
+    try:
+        accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
+                                       cfg.train.output_dir,
+                                       tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
+        heartbeats = Heartbeats.start(accelerator)
+        trainer = Trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
+        return trainer.fit()
+    except Exception as e:
+        lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        if heartbeats is not None:
+            heartbeats.close()
+        if trainer is not None:
+            trainer.close()
+        hold.release()  # also when the Trainer failed to start after taking it
+        teardown(accelerator)
