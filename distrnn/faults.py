@@ -33,12 +33,15 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from distrnn.errors import DistrnnError
-from distrnn.run_folder import CheckpointFolder
+
+if TYPE_CHECKING:  # an annotation only: importing it here closed a cycle (run_folder -> integrity -> faults)
+    from distrnn.run_folder import CheckpointFolder
 
 HOLD_LAUNCHER_S = 300  # a test that never releases the launcher ends in at most this
 
