@@ -1,7 +1,7 @@
 """slurm/sweep_array.sh: a grid of runs as a SLURM job array, on the two-node test cluster
 (tests/slurm/cluster.sh), then `distrnn report` ranking its trials. CPU processes with gloo.
 
-The helpers are small copies of tests/e2e/test_slurm.py's (test modules do not import each other)."""
+The helpers are small copies of tests/cluster/test_slurm.py's."""
 
 from __future__ import annotations
 
