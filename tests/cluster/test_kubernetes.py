@@ -18,8 +18,6 @@ from tests import netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, distrnn, finish, process_env
 
-pytestmark = pytest.mark.slow
-
 SERVICE = "distrnn-node-0-0.distrnn"  # the headless service name of node 0's pod, as Trainer v2 names it
 PORT = 29400
 

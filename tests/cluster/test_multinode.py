@@ -20,8 +20,6 @@ from tests import netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, distrnn, process_env
 
-pytestmark = pytest.mark.slow
-
 SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--no-wandb", "--set", "train.collective_timeout_s=20"]
 
 

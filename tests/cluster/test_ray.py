@@ -18,13 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from tests import netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, finish, process_env
-
-pytestmark = pytest.mark.slow
 
 PORT = 6379
 TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000", "--no-wandb",

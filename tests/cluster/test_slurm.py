@@ -18,7 +18,6 @@ from tests.helpers import REPO, counts, distrnn
 
 SMOKE = ["--config", "smoke"]
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

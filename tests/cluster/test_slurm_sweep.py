@@ -29,7 +29,6 @@ SMALL = ["--config", "smoke", "--set", "data.train_samples=4000", "--set", "data
          "--set", "train.log_every=2", "--set", "train.eval_every=10"]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
-pytestmark = pytest.mark.slow
 
 
 # --- the script's own checks: no cluster needed (they run before srun) ----------------------------------

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from distrnn import devices
 from tests.helpers import BIN, run
-
-pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark_writes_json_table_and_plot(tmp_path, data_dir):

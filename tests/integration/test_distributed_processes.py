@@ -92,7 +92,6 @@ class TwoRanks:
 # then the ncclResult's explanation, then "Last error:" and NCCL's last warning).
 
 
-@pytest.mark.slow  # a check of the tests' own harness: make test, not make check
 def test_the_tests_collectives_refuse_a_bool_tensor():
     """tests/collective_check, which every test's processes load, fails a collective given a bool."""
     result = on_ranks(2, "bool-collective")
@@ -100,7 +99,6 @@ def test_the_tests_collectives_refuse_a_bool_tensor():
     assert "torch.distributed.all_reduce got a bool tensor (tests/collective_check)" in result.stderr
 
 
-@pytest.mark.slow
 def test_the_tests_collectives_refuse_ranks_that_call_different_ones():
     result = on_ranks(2, "mismatched-collectives")
     assert result.returncode != 0

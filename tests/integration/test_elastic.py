@@ -17,8 +17,6 @@ import torch
 from distrnn.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import counts, distrnn, one_line_error, start_distrnn, wait_for_step
 
-pytestmark = pytest.mark.slow
-
 # 1600 images, global batch 128 (64 per process on 2): 13 optimizer steps an epoch (odd, the last one wrapped
 # around to the epoch's start), 26 in all; a checkpoint every 10; every step checked, so stop-at stops there.
 RUN = ["--config", "smoke", "--set", "data.train_samples=1600", "--set", "data.test_samples=1000", "--no-wandb",

@@ -21,8 +21,6 @@ from tests.helpers import (
     wait_for_step,
 )
 
-pytestmark = pytest.mark.slow
-
 TINY = ["--config", "smoke", "--set", "data.train_samples=640", "--set", "data.test_samples=500",
         "--no-wandb"]
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",

@@ -17,8 +17,6 @@ from distrnn.model_files import load_model
 from distrnn.tools import export
 from tests.helpers import BIN, one_line_error, run, train_small_model
 
-pytestmark = pytest.mark.slow
-
 # The command on its own, so that its errors read `distrnn export: error: ...` (through the `distrnn` group
 # they read `distrnn: error: ...`).
 EXPORT = ("from distrnn.errors import run_cli; from distrnn.tools.export import command; import sys; "

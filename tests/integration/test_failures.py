@@ -29,8 +29,6 @@ from tests.helpers import (
     wait_for_step,
 )
 
-pytestmark = pytest.mark.slow
-
 TINY = ["--config", "smoke", "--set", "data.train_samples=640", "--set", "data.test_samples=500", "--no-wandb",
         "--set", "train.collective_timeout_s=60"]
 HOST = socket.gethostname().split(".")[0]

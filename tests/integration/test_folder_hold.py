@@ -10,11 +10,8 @@ import subprocess
 import time
 
 import psutil
-import pytest
 
 from tests.helpers import finish, one_line_error, start_distrnn, wait_for_step
-
-pytestmark = pytest.mark.slow
 
 # 32 steps an epoch on 2 processes, each step 150 ms longer on rank 0 (a sleep, no CPU): ~25 s of training,
 # far longer than the hold's checks take to notice.

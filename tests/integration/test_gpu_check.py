@@ -10,8 +10,6 @@ import pytest
 from distrnn.devices import visible_gpus
 from tests.helpers import BIN, run
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.skipif(visible_gpus() > 0, reason="checks how a machine without a GPU reports GPU-only checks")
 def test_gpu_check_runs_what_a_cpu_can_and_skips_the_rest(tmp_path, data_dir):

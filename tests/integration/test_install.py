@@ -10,8 +10,6 @@ import pytest
 
 from tests.helpers import BIN, REPO, run
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:

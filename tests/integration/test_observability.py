@@ -7,11 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import distrnn
-
-pytestmark = pytest.mark.slow
 
 # 4000 images, 32 steps of 2 x 64, the split logged every 3 steps: 10 intervals.
 RUN = ["train", "--mode", "cpu", "--num-processes", "2", "--config", "smoke", "--set", "data.train_samples=4000",

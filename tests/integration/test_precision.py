@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from distrnn import devices
 from tests.helpers import counts, distrnn
-
-pytestmark = pytest.mark.slow
 
 # One epoch of the fast config (batch 512, onecycle) on 2048 images: 4 updates, seconds even with bf16 emulated.
 SMALL = ["--mode", "cpu", "--config", "fast", "--epochs", "1", "--no-wandb", "--set", "data.train_samples=2048",

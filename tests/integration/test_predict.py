@@ -20,8 +20,6 @@ from distrnn.mnist import IMAGES_MAGIC, Split, load_split
 from distrnn.model_files import load_model
 from tests.helpers import BIN, one_line_error, run, train_small_model
 
-pytestmark = pytest.mark.slow
-
 N = 200
 PROG = "distrnn predict"
 # `distrnn predict` as the CLI group will run it, without editing cli.py

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.helpers import counts, distrnn
-
-pytestmark = pytest.mark.slow
 
 
 def test_default_config_reaches_the_seed_accuracy(tmp_path, data_dir):

@@ -13,8 +13,6 @@ from distrnn.run_folder import RunFolder
 from distrnn.tools import report
 from tests.helpers import distrnn, run
 
-pytestmark = pytest.mark.slow
-
 CLI = ("from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; "
        "sys.exit(run_cli(command, prog='distrnn report'))")
 LEARNING_RATES = ("0.001", "0.002")

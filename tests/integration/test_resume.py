@@ -32,7 +32,6 @@ RUN = ["--config", "smoke", "--set", "data.train_samples=4000", "--set", "data.t
        "--set", "train.epochs=2", "--set", "train.log_every=2", "--set", "checkpoint.every_steps=10",
        "--set", "train.collective_timeout_s=20"]
 
-pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, processes: int, data_dir: Path, *extra: str) -> list[str]:

@@ -6,15 +6,11 @@ import os
 import re
 import stat
 
-import pytest
-
 from distrnn.config import Config
 from distrnn.model import StackedRNN
 from distrnn.model_files import save_model
 from distrnn.run_folder import RunFolder
 from tests.helpers import distrnn, one_line_error
-
-pytestmark = pytest.mark.slow
 
 PROCESSES, BATCH, SAVES = 2, 64, 20
 SMALL = ["--config", "smoke", "--set", f"train.batch_size={BATCH}", "--set", "train.eval_train_set=false",

@@ -12,8 +12,6 @@ import yaml
 
 from tests.helpers import distrnn, flip_byte, newest_checkpoint, one_line_error
 
-pytestmark = pytest.mark.slow
-
 # 640 images: 10 steps an epoch with 1 process, 5 with 2; a checkpoint every 3 steps and at each epoch's end.
 SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--set", "train.eval_train_set=false",
          "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep=3", "--no-wandb"]

@@ -10,11 +10,8 @@ import subprocess
 import time
 
 import psutil
-import pytest
 
 from tests.helpers import BIN, REPO, process_env
-
-pytestmark = pytest.mark.slow
 
 
 def wait_until(condition, what: str, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -28,8 +28,6 @@ from distrnn.config import load_config
 from distrnn.run_folder import RunFolder
 from tests.helpers import BIN, REPO, one_line_error, run
 
-pytestmark = pytest.mark.slow
-
 SWEEP = REPO / "sweeps" / "fast.yaml"
 PARAMETERS = {"optim.lr", "train.batch_size", "optim.pct_start"}
 # After the agent's arguments, so they win: a trial of seconds instead of minutes.

@@ -17,7 +17,6 @@ try:  # TensorBoard's own reader: what `tensorboard --logdir` shows is what thes
 except ImportError:
     EventAccumulator = None
 
-pytestmark = pytest.mark.slow
 
 # Short runs: 32 steps of 64 images, a loss point every 5 steps, 2000 test images.
 SHORT = ["--config", "smoke", "--set", "data.train_samples=2000", "--set", "data.test_samples=2000",

@@ -14,8 +14,6 @@ from torchvision import datasets, transforms
 from distrnn.model_files import load_model
 from tests.helpers import BIN, counts, distrnn, run
 
-pytestmark = pytest.mark.slow
-
 
 def test_two_process_smoke_run_learns_and_writes_the_run_folder(smoke_run):
     out, result = smoke_run

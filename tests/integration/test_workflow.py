@@ -14,8 +14,6 @@ from distrnn.mnist import load_split
 from distrnn.model_files import load_model
 from tests.helpers import counts, distrnn
 
-pytestmark = pytest.mark.slow
-
 SMOKE = ["--mode", "cpu", "--config", "smoke", "--no-wandb"]
 
 
