@@ -12,7 +12,7 @@ def test_ci_run_sets_ci_itself_before_the_tests(tmp_path):
     up to the test command with `make` and the cluster script replaced by stand-ins that print CI."""
     script = (REPO / ".ci" / "run").read_text()
     stand_ins = script.replace("bash tests/slurm/cluster.sh up", "true").replace(
-        "trap 'bash tests/slurm/cluster.sh down' EXIT", "").replace("\nmake test\n", '\necho "CI=${CI:-unset}"\n')
+        "trap 'bash tests/slurm/cluster.sh down' EXIT", "").replace("\nmake test-all\n", '\necho "CI=${CI:-unset}"\n')
     assert stand_ins.count('echo "CI=') == 1  # the test command (its own line) was found and replaced
     (tmp_path / "run").write_text(stand_ins)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no CI in the environment
