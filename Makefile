@@ -1,4 +1,4 @@
-# Two commands do all set-up on first use: `make train` and `make test`.
+# Two commands do all set-up on first use: `make train` and `make test-all` (or any test target).
 VENV ?= .venv
 PYTHON ?= python3
 # The torch/torchvision pair this project is tested with; override for another build,
