@@ -1,4 +1,4 @@
-# Two commands do all set-up on first use: `make train` and `make test`.
+# Two commands do all set-up on first use: `make train` and `make test-all` (or any test target).
 VENV ?= .venv
 PYTHON ?= python3
 # The torch/torchvision pair this project is tested with; override for another build,
@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train lint check test results docs gpu-check clean
+.PHONY: train lint check test test-all results docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,17 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The everyday subset (< 2 min on 2 cores), after lint: unit tests, rank logic on real gloo processes, CLI errors.
+# The everyday tier, after lint: tests/unit, which starts no process (about 1 min on 2 cores; tests/README.md).
 check: lint
-	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 tests/unit $(ARGS)
 
-# The whole suite, as CI runs it (CPU only, real processes, real MNIST from $$DISTRNN_DATA_DIR or ./data).
+# Unit and integration tiers: real processes (gloo ranks, distrnn runs) on this machine; no root, no cluster.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -v $(ARGS)
+	$(VENV)/bin/python -m pytest --durations=25 tests/unit tests/integration $(ARGS)
+
+# Every tier, as CI runs it (.ci/run): cluster/ needs root and a SLURM cluster; CPU only, real MNIST.
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -v --durations=25 tests $(ARGS)
 
 # The README's results table, from the runs it lists (about 3 minutes on 2 cores); rerun when training changes.
 results: $(STAMP)

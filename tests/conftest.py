@@ -1,6 +1,7 @@
 """Fixtures: real MNIST, and one 2-process smoke run reused by several end-to-end tests.
 
-Tests marked `slow` start real training processes (`make test`); the rest are `make check`.
+The tiers are folders (tests/README.md): unit/ starts no process (`make check`), integration/ starts real processes on
+this machine (`make test` adds it), cluster/ needs root or a cluster (`make test-all`, what CI runs).
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from distrnn.data import mnist
 from tests.helpers import BIN, IN_CI, REPO, distrnn, mnist_dir
 
 SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: starts real training processes (make test; not make check)")
 
 
 def require(condition: bool, message: str) -> None:

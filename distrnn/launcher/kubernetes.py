@@ -9,7 +9,7 @@ and exit 75 within the grace period; JobSet restarts the whole set on a failure,
 
 Contract tested, not run on a Kubernetes cluster: the manifest validates against the kubeflow-trainer-api
 models (pip install kubeflow-trainer-api), and two "pods" in network namespaces with exactly Trainer v2's
-variables train, lose a pod, restart and resume (tests/e2e/test_kubernetes.py).
+variables train, lose a pod, restart and resume (tests/cluster/test_kubernetes.py).
 """
 
 from __future__ import annotations

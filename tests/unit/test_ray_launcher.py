@@ -1,10 +1,7 @@
-"""`distrnn train --launcher ray` without a Ray cluster: its flags, Ray as an optional extra, and how a failed
-Ray run is turned into an exit code and one line. The real multi-node runs: tests/e2e/test_ray.py."""
+"""`distrnn train --launcher ray` without a Ray cluster: how a failed Ray run is turned into an exit code and one
+line. The real multi-node runs: tests/cluster/test_ray.py."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 
@@ -14,45 +11,8 @@ from distrnn.errors import ConfigError
 from distrnn.launcher.ray import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
 from distrnn.run.checkpoint import find_resume
 from distrnn.run.folder import RunFolder
-from tests.helpers import distrnn, flip_byte, one_line_error
+from tests.helpers import flip_byte
 from tests.unit.test_integrity import published
-
-
-def test_a_plain_install_imports_nothing_of_ray():
-    code = ("import sys, distrnn.cli, distrnn.train, distrnn.worker.trainer, distrnn.launcher.ray,"
-            " distrnn.launcher.engines;"
-            "from distrnn.cli import main;"
-            "main.main(['train', '--help'], standalone_mode=False);"
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == "[]"
-
-
-def test_without_ray_installed_the_launcher_says_what_to_install(tmp_path):
-    (tmp_path / "ray").mkdir()
-    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    result = distrnn("train", "--launcher", "ray", "--num-workers", "2", "--config", "smoke", "--no-wandb",
-                     "--output-dir", str(tmp_path / "run"), env={"PYTHONPATH": str(tmp_path)}, timeout=120)
-    assert one_line_error(result) == "distrnn: error: --launcher ray needs Ray Train: pip install 'distrnn[ray]'"
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("args, line", [
-    (["--launcher", "ray", "--num-processes", "2"],
-     "--num-processes is for --launcher torchrun; with --launcher ray use --num-workers"),
-    (["--launcher", "ray", "--max-restarts", "1"],
-     "--max-restarts is for --launcher torchrun; with --launcher ray use --num-workers"),
-    (["--num-workers", "2"], "--num-workers is for --launcher ray; with --launcher torchrun use --num-processes or "
-                             "--num-machines"),
-    (["--max-failures", "1"], "--max-failures is for --launcher ray; with --launcher torchrun use --num-processes "
-                              "or --num-machines"),
-    (["--launcher", "ray", "--num-workers", "2-x"], "--num-workers 2-x: give a number of workers (2) or a range (2-4)"),
-])
-def test_each_launchers_flags_are_refused_by_the_other_in_one_line(tmp_path, args, line):
-    result = distrnn("train", "--config", "smoke", "--output-dir", str(tmp_path / "run"), *args, timeout=120)
-    assert result.returncode == 2
-    assert one_line_error(result).startswith(f"distrnn: error: {line}")
 
 
 @pytest.mark.parametrize("text, expected", [("1", 1), ("4", 4), ("2-4", (2, 4)), ("3-3", (3, 3))])
@@ -140,3 +100,4 @@ def test_a_restart_resumes_from_the_newest_verified_checkpoint_not_rays_latest_r
 def test_a_first_start_resumes_as_the_user_asked(tmp_path):
     args = launcher_args("--output-dir", str(tmp_path / "run"), "--resume", "never", "train.epochs=1")
     assert restart_args(args, None) == args
+

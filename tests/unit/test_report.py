@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from distrnn.run.folder import RunFolder
 from distrnn.tools import report
-from tests.helpers import one_line_error, run
-
-CLI = ("from distrnn.errors import run_cli; from distrnn.tools.report import command; import sys; "
-       "sys.exit(run_cli(command, prog='distrnn report'))")
-
-
-def distrnn_report(*args: str | Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-c", CLI, *map(str, args)], timeout=120)
 
 
 def make_run(root: Path, *, steps: int, lr: float, history: list[tuple[int, float, float]], seconds: bool = True,
@@ -61,29 +50,6 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
 
 
-def test_writes_a_png_of_the_declared_size(two_runs, tmp_path):
-    png = tmp_path / "out" / "report.png"
-    result = distrnn_report(*two_runs, "--output", png)
-    assert result.returncode == 0, result.stderr
-    with Image.open(png) as image:
-        assert image.format == "PNG"
-        assert image.size == report.PIXELS == (1200, 1200)
-        image.verify()  # the whole file decodes, not only its header
-
-
-def test_the_table_has_one_row_per_run_with_its_numbers(two_runs, tmp_path):
-    markdown = tmp_path / "table.md"
-    result = distrnn_report(*two_runs, "--output", tmp_path / "r.png", "--markdown", markdown)
-    assert result.returncode == 0, result.stderr
-    assert markdown.read_text() == result.stdout  # the file holds exactly what was printed
-    rows = table_rows(result.stdout)
-    assert rows == {
-        "lr-0.001": ["60", "6.5", "591", "90.12% (9012 / 10000)", "91.25% (1825 / 2000)", "90.12% (60)"],
-        # its best evaluation was not its last one
-        "lr-0.002": ["60", "6.2", "614", "92.34% (9234 / 10000)", "91.25% (1825 / 2000)", "93.00% (30)"],
-    }
-
-
 def test_the_legend_names_each_run_by_its_folder(two_runs):
     figure = report.draw(report.load_runs(tuple(map(str, two_runs))))
     (legend,) = figure.legends
@@ -91,15 +57,6 @@ def test_the_legend_names_each_run_by_its_folder(two_runs):
     colours = [tuple(line.get_color() for line in ax.get_lines()) for ax in figure.axes[:4]]
     assert all(c == colours[0] and len(set(c)) == 2 for c in colours), colours  # one colour per run, in every panel
     assert tuple(handle.get_color() for handle in legend.legend_handles) == colours[0]
-
-
-def test_runs_with_the_same_folder_name_get_enough_of_their_path(tmp_path):
-    history = [(60, 90.0, 6.0)]
-    paths = [make_run(tmp_path / d / "exp" / "run", steps=60, lr=0.001, history=history) for d in ("a", "b")]
-    paths.append(make_run(tmp_path / "c" / "other", steps=60, lr=0.001, history=history))
-    result = distrnn_report(*paths, "--output", tmp_path / "r.png")
-    assert result.returncode == 0, result.stderr
-    assert list(table_rows(result.stdout)) == ["a/exp/run", "b/exp/run", "other"]
 
 
 def test_the_panels_plot_the_logged_values(two_runs):
@@ -111,16 +68,6 @@ def test_the_panels_plot_the_logged_values(two_runs):
     assert list(acc_time.get_lines()[1].get_xdata()) == [2.9, 6.25]  # history's train_seconds
 
 
-def test_a_run_without_train_seconds_is_plotted_against_step_only(two_runs, tmp_path):
-    old = make_run(tmp_path / "old", steps=60, lr=0.001, history=[(60, 90.0, 6.0)], seconds=False)
-    result = distrnn_report(old, *two_runs, "--output", tmp_path / "r.png")
-    assert result.returncode == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "old" in warnings[0] and "train/seconds" in warnings[0], result.stderr
-    runs = report.load_runs(tuple(map(str, [old, *two_runs])))
-    loss_step, loss_time, _, _ = report.draw(runs).axes[:4]
-    colours = [line.get_color() for line in loss_step.get_lines()]
-    assert len(colours) == 3 and [line.get_color() for line in loss_time.get_lines()] == colours[1:]  # no time axis
     # invented for the first run, and the others keep their own colours
 
 
@@ -128,44 +75,6 @@ def test_a_resumed_run_keeps_the_latest_attempt_at_each_step():
     points = [report.LossPoint(s, float(s), None) for s in (10, 20, 30, 20, 30, 40)]
     kept = report.latest_attempt(points)
     assert [p.step for p in kept] == [10, 20, 30, 40] and kept[1] is points[3]
-
-
-def test_a_missing_run_folder_is_one_line(two_runs, tmp_path):
-    missing = tmp_path / "no-such-run"
-    result = distrnn_report(two_runs[0], missing, "--output", tmp_path / "r.png")
-    line = one_line_error(result)
-    assert result.returncode == 1
-    assert line.startswith("distrnn report: error:") and str(missing) in line and "does not exist" in line
-    assert not (tmp_path / "r.png").exists()
-
-
-def test_an_unfinished_run_is_refused_in_one_line(two_runs, tmp_path):
-    unfinished = make_run(tmp_path / "run-c", steps=30, lr=0.001, history=[(30, 80.0, 3.0)], summary=False)
-    result = distrnn_report(*two_runs, unfinished, "--output", tmp_path / "r.png")
-    line = one_line_error(result)
-    assert result.returncode == 1
-    assert str(unfinished) in line and RunFolder(unfinished).summary.name in line and "is unfinished" in line
-    assert not (tmp_path / "r.png").exists()  # nothing written for a partial comparison
-
-
-def test_an_unreadable_metrics_file_is_one_line(two_runs, tmp_path):
-    metrics = RunFolder(two_runs[1]).metrics
-    metrics.write_text(metrics.read_text() + '{"step": 70, "train/lo\n')
-    line = one_line_error(distrnn_report(*two_runs, "--output", tmp_path / "r.png"))
-    assert str(metrics) in line and "line 9" in line
-    metrics.unlink()
-    line = one_line_error(distrnn_report(*two_runs, "--output", tmp_path / "r.png"))
-    assert str(two_runs[1]) in line and metrics.name in line
-
-
-def test_no_run_is_a_usage_error():
-    result = distrnn_report()
-    assert result.returncode == 2 and "Missing argument" in one_line_error(result)
-
-
-def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, distrnn.tools.report; sys.exit('matplotlib' in sys.modules)"
-    assert run([sys.executable, "-c", code]).returncode == 0
 
 
 # --- runs with a validation holdout (data.val_samples): sweeps ---------------------------------------
@@ -178,28 +87,6 @@ def three_trials(tmp_path) -> list[Path]:
                 (0, 0.001, [(30, 80.0, 3.0), (60, 88.5, 6.0)], 88.1),
                 (1, 0.002, [(30, 95.25, 2.9), (60, 94.0, 6.25)], 94.37),  # its best was not its last
                 (2, 0.004, [(30, 90.0, 3.1), (60, 91.75, 6.5)], 91.02)]]
-
-
-def test_trials_are_ranked_by_best_validation_accuracy(three_trials, tmp_path):
-    result = distrnn_report(*three_trials, "--output", tmp_path / "r.png")
-    assert result.returncode == 0, result.stderr
-    header = result.stdout.splitlines()[0]
-    assert header == ("| run | best validation accuracy (step) | steps | training seconds | samples/s | "
-                      "final test accuracy | train accuracy |")  # no test during training: no best-test column
-    assert list(table_rows(result.stdout).items()) == [
-        ("1", ["95.25% (30)", "60", "6.2", "614", "94.37% (9437 / 10000)", "91.25% (1825 / 2000)"]),
-        ("2", ["91.75% (60)", "60", "6.5", "591", "91.02% (9102 / 10000)", "91.25% (1825 / 2000)"]),
-        ("0", ["88.50% (60)", "60", "6.0", "640", "88.10% (8810 / 10000)", "91.25% (1825 / 2000)"]),
-    ]
-
-
-def test_runs_without_a_holdout_come_last_and_keep_the_best_test_column(three_trials, two_runs, tmp_path):
-    result = distrnn_report(two_runs[0], *three_trials, two_runs[1], "--output", tmp_path / "r.png")
-    assert result.returncode == 0, result.stderr
-    rows = table_rows(result.stdout)
-    assert list(rows) == ["1", "2", "0", "lr-0.001", "lr-0.002"]  # unranked runs keep their order, after
-    assert rows["lr-0.001"][0] == "no holdout" and rows["lr-0.001"][-1] == "90.12% (60)"
-    assert rows["1"][0] == "95.25% (30)" and rows["1"][-1] == "none recorded"  # test only at the end
 
 
 def test_equal_validation_accuracies_keep_the_order_given(tmp_path):
@@ -228,14 +115,6 @@ def test_the_accuracy_panels_show_validation_accuracy_of_runs_with_a_holdout(thr
     assert acc_step.get_title() == "validation or test accuracy against step"
     assert [t.get_text() for t in acc_step.texts] == ["test accuracy (no validation holdout): lr-0.001"]
     assert list(acc_step.get_lines()[3].get_ydata()) == [85.5, 90.12]  # its test accuracy during training
-
-
-def test_a_damaged_best_validation_accuracy_is_one_line(three_trials, tmp_path):
-    summary = RunFolder(three_trials[2]).summary
-    summary.write_text(summary.read_text().replace('"best_val_step": 60', '"best_val_step": "60"'))
-    line = one_line_error(distrnn_report(*three_trials, "--output", tmp_path / "r.png"))
-    assert str(summary) in line and "best_val_step" in line
-    assert not (tmp_path / "r.png").exists()
 
 
 def test_the_bottom_panel_shows_where_each_runs_time_went(tmp_path):

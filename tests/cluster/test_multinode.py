@@ -1,0 +1,153 @@
+"""Several machines with network stacks of their own (network namespaces joined by a bridge: tests/netns.py),
+on a host whose name resolves to 127.0.0.1, as Debian's default /etc/hosts and many containers have it.
+
+Before: machine 0 died with a raw `Gloo connectFullMesh failed ... remote=[127.0.0.1]` (gloo advertised
+loopback), and machine 1 then waited more than 400 s, ignoring SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests import netns
+from tests.conftest import require
+from tests.helpers import BIN, REPO, counts, distrnn, process_env
+
+SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--no-wandb", "--set", "train.collective_timeout_s=20"]
+
+
+@pytest.fixture
+def two_machines():
+    require(netns.available() is None, f"no network namespaces here: {netns.available()}")
+    with netns.machines(2) as made:
+        yield made
+    assert netns.leftovers() == []
+
+
+def start(machine: netns.Machine, rank: int, main: netns.Machine, out, *extra: str, port: int = 29_613):
+    env = {"OMP_NUM_THREADS": "1"}
+    args = [str(BIN / "distrnn"), "train", "--mode", "cpu", "--num-machines", "2", "--machine-rank", str(rank),
+            "--main-process-ip", main.address, "--main-process-port", str(port), "--output-dir", str(out), *SMALL,
+            *extra]
+    full_env = process_env(env)
+    full_env.pop("GLOO_SOCKET_IFNAME", None)  # what a new user has: nothing set by hand
+    return machine.popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def stderr_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("wandb:")]
+
+
+@pytest.fixture(scope="module")
+def one_machine_counts(tmp_path_factory, data_dir) -> list[tuple[int, int]]:
+    """The same run as two 1-process machines, as 2 processes on one machine: the counts to compare with."""
+    out = tmp_path_factory.mktemp("one-machine") / "run"
+    result = distrnn("train", "--mode", "cpu", "--num-processes", "2", "--output-dir", str(out), *SMALL,
+                     "--data-dir", str(data_dir), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return counts(result.stdout)
+
+
+def test_two_machines_train_across_their_own_network_without_gloo_socket_ifname(two_machines, tmp_path, data_dir,
+                                                                                one_machine_counts):
+    main, other = two_machines
+    out = tmp_path / "run"
+    procs = [start(main, 0, main, out, "--data-dir", str(data_dir)),
+             start(other, 1, main, out, "--data-dir", str(data_dir))]
+    (code0, out0, err0), (code1, out1, err1) = (finish(p) for p in procs)
+    assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
+    assert f"distrnn: machine 0: gloo uses interface eth0 ({main.address}, the route to {main.address})" in out0
+    assert f"distrnn: machine 1: gloo uses interface eth0 ({other.address}, the route to {main.address})" in out1
+    assert [seen for _, seen in counts(out0)] == [640, 10_000]  # exactly, over both machines
+    assert counts(out0) == one_machine_counts  # the same training as 2 processes on one machine
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    assert stderr_lines(err0) == [] and stderr_lines(err1) == []  # no torch or gloo lines either
+
+
+def test_a_machine_whose_main_machine_never_comes_ends_by_itself_with_one_line(two_machines, tmp_path, data_dir):
+    main, other = two_machines
+    started = time.monotonic()
+    code, _, err = finish(start(other, 1, main, tmp_path / "run", "--data-dir", str(data_dir),
+                                "--rendezvous-timeout", "10"))
+    assert time.monotonic() - started < 10 + 15  # the timeout, and the start of an interpreter that imports torch
+    assert code == 1
+    assert stderr_lines(err) == [
+        f"distrnn: error: the main machine at {main.address}:29613 did not answer within 10 s (--rendezvous-timeout); "
+        "start machine 0 with the same --main-process-port, and check that this machine can reach that address and "
+        "port"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_machine_waiting_for_its_main_machine_within_seconds(two_machines, tmp_path, data_dir, sig):
+    """`scancel` or a closing job sends SIGTERM; before, it was swallowed for the whole wait."""
+    main, other = two_machines
+    proc = start(other, 1, main, tmp_path / "run", "--data-dir", str(data_dir))
+    time.sleep(5)  # well inside the 300 s default wait
+    os.kill(proc.pid, sig)
+    sent = time.monotonic()
+    code, _, err = finish(proc, timeout=60)
+    assert time.monotonic() - sent < 15
+    assert code == (75 if sig == signal.SIGTERM else 130)
+    assert stderr_lines(err) == [f"distrnn: stopped by {sig.name} while starting (waiting for the other machines or "
+                                 "starting the workers); nothing was trained yet: run the same command again"]
+
+
+def test_a_main_machine_killed_during_set_up_ends_the_other_within_the_collective_timeout(two_machines, tmp_path,
+                                                                                        data_dir):
+    """Machine 0 is killed (its launcher, workers and the rendezvous store with them) as soon as its worker
+    starts: machine 1's worker is then joining the process group, which it cannot finish."""
+    main, other = two_machines
+    out = tmp_path / "run"
+    main_proc = start(main, 0, main, out, "--data-dir", str(data_dir))
+    other_proc = start(other, 1, main, out, "--data-dir", str(data_dir))
+    deadline = time.monotonic() + 120
+    while not psutil.Process(main_proc.pid).children():
+        assert time.monotonic() < deadline and main_proc.poll() is None, "machine 0 started no worker"
+        time.sleep(0.05)
+    os.killpg(main_proc.pid, signal.SIGKILL)
+    finish(main_proc)
+    killed = time.monotonic()
+    code, _, err = finish(other_proc, timeout=120)
+    assert time.monotonic() - killed < 20 + 20
+    assert code != 0
+    [line] = stderr_lines(err)
+    assert "Traceback" not in err and (f"{main.address}:29613" in line), line
+
+
+def test_a_worker_whose_launcher_is_killed_ends_itself_and_the_run_ends(two_machines, tmp_path, data_dir):
+    """torchrun starts each worker in a session of its own: killing machine 1's launcher alone used to leave its
+    worker training on with machine 0, and machine 0 then waited 300 s in torchrun's exit barrier."""
+    main, other = two_machines
+    out = tmp_path / "run"
+    procs = [start(main, 0, main, out, "--data-dir", str(data_dir), "--set", "data.train_samples=8000"),
+             start(other, 1, main, out, "--data-dir", str(data_dir), "--set", "data.train_samples=8000")]
+    deadline = time.monotonic() + 120
+    while not psutil.Process(procs[1].pid).children() or not (out / "metrics.jsonl").is_file():
+        assert time.monotonic() < deadline and procs[1].poll() is None, "machine 1 started no worker"
+        time.sleep(0.1)
+    [worker] = psutil.Process(procs[1].pid).children()
+    procs[1].kill()  # the launcher only
+    killed = time.monotonic()
+    assert not psutil.wait_procs([worker], timeout=10)[1], "the worker outlived its launcher"
+    code0, _, err0 = finish(procs[0], timeout=120)
+    finish(procs[1])
+    assert code0 != 0 and time.monotonic() - killed < 20 + 20, err0[-2000:]
+    assert "Traceback" not in err0

@@ -1,0 +1,181 @@
+"""Ray Train for real: a Ray head node and a worker node with network stacks of their own (tests/netns.py),
+`distrnn train --launcher ray` with 2 workers spread over both, a node lost after the first checkpoint and
+rejoined, and --max-failures 0 failing fast. Every Ray process is started with a temp dir of this test's own
+and killed by the network namespace it runs in (`ray stop` would stop every Ray process on the host)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests import netns
+from tests.conftest import require
+from tests.helpers import BIN, REPO, counts, finish, process_env
+
+PORT = 6379
+TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000", "--no-wandb",
+         "--set", "checkpoint.every_steps=4", "--set", "train.log_every=2", "--set", "train.collective_timeout_s=30"]
+
+
+def ray_env(temp: Path) -> dict[str, str]:
+    """Ray 2.60 turns token auth on for every new cluster; each test's cluster has a token of its own."""
+    env = process_env({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+                       "RAY_AUTH_TOKEN_PATH": str(temp / "token")})
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    return env
+
+
+def ray_start(machine: netns.Machine, temp: Path, name: str, *args: str) -> None:
+    result = subprocess.run(machine.command([str(BIN / "ray"), "start", "--node-ip-address", machine.address,
+                                             "--num-cpus", "1", "--temp-dir", str(temp / name), "--disable-usage-stats",
+                                             *args]), env=ray_env(temp), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def kill_node(machine: netns.Machine) -> None:
+    """Every process in the machine's network namespace, at once (what losing the node does)."""
+    for _ in range(3):
+        pids = subprocess.run(["ip", "netns", "pids", machine.namespace], capture_output=True, text=True,
+                              timeout=30).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+@contextmanager
+def ray_cluster() -> Iterator[tuple[netns.Machine, netns.Machine, Path]]:
+    """(head, worker, Ray's temp folders): short, because Ray's unix sockets live there (107 bytes at most)."""
+    require(netns.available() is None, f"no network namespaces here: {netns.available()}")
+    require(subprocess.run([str(BIN / "python"), "-c", "import ray.train.torch"], capture_output=True).returncode == 0,
+            "Ray Train is not installed: pip install 'distrnn[ray]'")
+    temp = Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))
+    (temp / "token").write_text(secrets.token_hex(32))
+    (temp / "token").chmod(0o600)
+    with netns.machines(2) as (head, worker):
+        try:
+            ray_start(head, temp, "head", "--head", "--port", str(PORT), "--include-dashboard=false")
+            ray_start(worker, temp, "worker", "--address", f"{head.address}:{PORT}")
+            yield head, worker, temp
+        finally:
+            kill_node(worker)
+            kill_node(head)
+            shutil.rmtree(temp, ignore_errors=True)
+    assert netns.leftovers() == []
+
+
+def train_on_ray(head: netns.Machine, temp: Path, out, data_dir, *extra: str, num_workers="2") -> subprocess.Popen:
+    return head.popen([str(BIN / "distrnn"), "train", "--launcher", "ray", "--ray-address", f"{head.address}:{PORT}",
+                       "--num-workers", num_workers, "--data-dir", str(data_dir), "--output-dir", str(out),
+                       *TRAIN, *extra],
+                      cwd=REPO, env=ray_env(temp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                      start_new_session=True)
+
+
+def registered_by_ray(out: Path) -> bool:
+    """Ray's controller has taken a reported checkpoint into its books (its snapshot in the run folder)."""
+    snapshot = out / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and '"checkpoints/step-' in snapshot.read_text()
+
+
+def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_resumes(tmp_path, data_dir):
+    out = tmp_path / "run"
+    with ray_cluster() as (head, worker, temp):
+        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", "--wandb")  # offline
+        deadline = time.monotonic() + 300
+        while not registered_by_ray(out):
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
+            time.sleep(0.2)
+        kill_node(worker)  # the worker node's Ray, and the distrnn worker on it
+        time.sleep(5)
+        ray_start(worker, temp, "again", "--address", f"{head.address}:{PORT}")
+        code, stdout, stderr = finish(proc, timeout=600)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    # the restarted workers were given Ray's latest checkpoint (in place in the run folder, not a copy)
+    assert f"resume: {out}/checkpoints/step-" in stdout and "resumed from" in stdout, stdout[-5000:]
+    assert not [p for p in out.glob("checkpoint_*") if p.is_dir()], "Ray copied a checkpoint"
+    assert [seen for _, seen in counts(without_ray_prefixes(stdout))[-2:]] == [4000, 10_000]  # exact, both workers
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 32
+    # W&B from the main worker only: one run id over both starts, holding the exact counts
+    wandb_runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1, wandb_runs
+    inspected = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(wandb_runs[-1])],
+                               capture_output=True, text=True, timeout=120)
+    values = json.loads(inspected.stdout)["summary"]
+    assert (values["test_seen"], values["test_correct"]) == (10_000, summary["test_correct"])
+
+
+def test_an_elastic_range_goes_on_with_one_worker_when_a_node_is_lost_and_keeps_the_global_batch(tmp_path, data_dir):
+    """Ray 2.60's elastic mode: ScalingConfig(num_workers=(1, 2)); the lost node does not come back."""
+    out = tmp_path / "run"
+    with ray_cluster() as (head, worker, temp):
+        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", num_workers="1-2")
+        deadline = time.monotonic() + 300
+        while not registered_by_ray(out):
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
+            time.sleep(0.2)
+        kill_node(worker)
+        code, stdout, stderr = finish(proc, timeout=600)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    own = without_ray_prefixes(stdout)
+    assert re.search(r"^distrnn: 2 process\(es\).*global batch 128 \(64 per process x 2 x 1", own, re.M), own[-3000:]
+    assert re.search(r"^distrnn: 1 process\(es\).*global batch 128 \(64 per process x 1 x 2", own, re.M), own[-3000:]
+    assert [seen for _, seen in counts(own)[-2:]] == [4000, 10_000]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 1 and summary["steps"] == 32
+
+
+def test_without_restarts_a_lost_node_fails_the_run_fast_in_one_line(tmp_path, data_dir):
+    out = tmp_path / "run"
+    with ray_cluster() as (head, worker, temp):
+        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "0")
+        deadline = time.monotonic() + 300
+        while not registered_by_ray(out):
+            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
+            time.sleep(0.2)
+        kill_node(worker)
+        lost = time.monotonic()
+        result = subprocess.CompletedProcess(proc.args, *finish(proc, timeout=180))
+    assert time.monotonic() - lost < 120
+    assert result.returncode == 137, result.stderr[-3000:]  # as a torchrun worker killed by SIGKILL
+    own = drivers_own_lines(result.stderr)
+    assert len(own) == 1 and "Traceback" not in "".join(own), own
+    # Ray places ranks on nodes as it likes: the rank named is the one that ran on the node killed
+    lost_rank = 0 if main_worker_ip(result.stdout, head.address) == worker.address else 1
+    assert own[0].startswith("distrnn: error: the Ray run failed after 0 restart(s) (--max-failures): worker rank "
+                             f"{lost_rank} was lost"), own
+
+
+def main_worker_ip(stdout: str, driver_ip: str) -> str:
+    """The node of rank 0: the one worker that prints the progress lines, prefixed '(RayTrainWorker pid=P, ip=A)';
+    Ray leaves ', ip=A' out for a worker on the driver's own node."""
+    found = re.search(r"^\x1b\[[0-9;]*m\(([^)]*)\)\x1b\[0m epoch \d+/\d+ step ", stdout, re.M)
+    assert found, stdout[-3000:]
+    ip = re.search(r"\bip=([0-9.]+)", found.group(1))
+    return ip.group(1) if ip else driver_ip
+
+
+def without_ray_prefixes(output: str) -> str:
+    """The workers' own lines, as they printed them."""
+    return re.sub(r"^\x1b\[[0-9;]*m\([^)]*\)\x1b\[0m ", "", output, flags=re.M)
+
+
+def drivers_own_lines(stderr: str) -> list[str]:
+    """What the driver printed itself: Ray forwards every worker's and its controller's output to the driver,
+    each line prefixed '(ActorName pid=..., ip=...)' (coloured), and a worker's failure with its traceback."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in stderr.splitlines()]
+    return [line for line in lines if line and not line.startswith("(")]
