@@ -116,7 +116,7 @@ def test_a_trial_trains_the_drawn_values_in_its_own_run_folder(trial):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resolved = yaml.safe_load(RunFolder(folder).config.read_text())
     assert {name: resolved[name.split(".")[0]][name.split(".")[1]] for name in PARAMETERS} == values
-    assert resolved["optim"]["schedule"] == "onecycle" and resolved["train"]["precision"] == "bf16"  # fast
+    assert resolved["optim"]["schedule"] == "onecycle" and resolved["train"]["precision"] == "auto"  # fast
     assert (resolved["data"]["train_samples"], resolved["data"]["val_samples"]) == (2000, 500)
     assert resolved["train"]["output_dir"] == str(Path("runs", "sweeps", folder.parent.name, folder.name))
     assert RunFolder(folder).summary.is_file()
