@@ -159,8 +159,8 @@ class FolderHold:
             return
         if self.lost is None:
             raise Quiet()
-        raise DistrnnError(f"{self.path.parent} {self.lost}; stopped at step {step} without saving there, so as not "
-                            "to mix two runs' files; pass another --output-dir to train elsewhere")
+        raise DistrnnError(f"{self.path.parent} {self.lost}; stopped at step {step} without saving (it is that "
+                            "run's folder now); pass another --output-dir to train elsewhere")
 
     def _held(self, me: Holder, warnings: list[str]) -> list[str]:
         self.holder = me
