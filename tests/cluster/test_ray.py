@@ -104,8 +104,10 @@ def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_r
         ray_start(worker, temp, "again", "--address", f"{head.address}:{PORT}")
         code, stdout, stderr = finish(proc, timeout=600)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
-    # the restarted workers were given Ray's latest checkpoint (in place in the run folder, not a copy)
-    assert f"resume: {out}/checkpoints/step-" in stdout and "resumed from" in stdout, stdout[-5000:]
+    # the restarted workers resumed from the run folder holding Ray's latest checkpoint (in place, not a copy):
+    # its newest checkpoint that verifies (launcher/ray.py restart_args)
+    assert f"resume: checkpoint.resume changed from auto to {out}" in stdout, stdout[-5000:]
+    assert f"resumed from {out}/checkpoints/step-" in stdout, stdout[-5000:]
     assert not [p for p in out.glob("checkpoint_*") if p.is_dir()], "Ray copied a checkpoint"
     assert [seen for _, seen in counts(without_ray_prefixes(stdout))[-2:]] == [4000, 10_000]  # exact, both workers
     summary = json.loads((out / "summary.json").read_text())
