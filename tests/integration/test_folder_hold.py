@@ -34,8 +34,8 @@ def test_a_run_whose_hold_was_taken_stops_with_one_line_and_writes_nothing_more(
     assert code == 1, stderr[-3000:]
     line = one_line_error(subprocess.CompletedProcess([], code, stdout, stderr))
     match = re.fullmatch(rf"distrnn.train: error: {out} was taken over by another run \(host \S+, pid {os.getpid()}, "
-                         r"since [\d-]+ [\d:]+\); stopped at step (\d+) without saving \(it is that run's folder now\); "
-                         r"pass another --output-dir to train elsewhere", line)
+                         r"since [\d-]+ [\d:]+\); stopped at step (\d+) without saving \(it is that run's folder "
+                         r"now\); pass another --output-dir to train elsewhere", line)
     assert match, line
     stopped = int(match[1])
     saved = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
