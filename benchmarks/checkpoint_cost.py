@@ -70,8 +70,8 @@ def main() -> None:
                 with ExitStack() as stack:
                     without(stack, parts)
                     start = time.perf_counter()
-                    path = checkpoint.save(accelerator, folder, Position(global_step=step), {"config": {}}, keep=3,
-                                           needed_bytes=0, tensors=tensors)
+                    path = checkpoint.write_checkpoint(accelerator, folder, Position(global_step=step),
+                                                       {"config": {}}, keep=3, needed_bytes=0, tensors=tensors)
                     seconds[way].append(time.perf_counter() - start)
             start = time.perf_counter()
             for file in sorted(p for p in path.rglob("*") if p.is_file()):

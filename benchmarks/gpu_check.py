@@ -148,13 +148,13 @@ def _cuda_sync_warnings(ctx: Context) -> dict:
     from distrnn.ranks.collectives import make_accelerator, teardown
     from distrnn.ranks.preemption import StopRequest
     from distrnn.worker.nonfinite import CHECK_EVERY
-    from distrnn.worker.trainer import Trainer
+    from distrnn.worker.trainer import build_trainer
 
     cfg = build_config(overrides=["data.train_samples=6400", "data.test_samples=100", f"data.dir={ctx.data_dir}",
                                   f"train.output_dir={ctx.work / 'sync-probe'}", "wandb.enabled=false",
                                   "train.log_every=1000", "checkpoint.every_steps=null"])
     accelerator = make_accelerator("no", 0, 300, str(ctx.work))
-    trainer = Trainer(cfg, accelerator, StopRequest())
+    trainer = build_trainer(cfg, accelerator, StopRequest())
     trainer.progress.start_epoch(0)
     batches, between, at_checks = iter(trainer.epoch_batches()), 0, 0
     for _ in range(3):  # warm-up: cuDNN picks kernels, the allocator grows

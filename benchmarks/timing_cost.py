@@ -45,7 +45,7 @@ def per_step_calls(timing, log_every: int, repeats: int = 20_000) -> float:
         timing.mark("data")
         timing.mark("compute")
         timing.mark("optimizer")
-        timing.steps += 1
+        timing.count_update()
         timing.restart()
     marks = (time.perf_counter() - start) / repeats
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main() -> None:
     from distrnn.ranks.collectives import make_accelerator, teardown
     from distrnn.ranks.preemption import STOP_SIGNALS, StopRequest
     from distrnn.worker import rank_timing
-    from distrnn.worker.trainer import Trainer
+    from distrnn.worker.trainer import build_trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
@@ -74,7 +74,7 @@ def main() -> None:
         cfg = load_config("default", [f"data.dir={os.environ.get('DISTRNN_DATA_DIR', './data')}", "wandb.enabled=false",
                                       f"train.output_dir={work}/run", "checkpoint.every_steps=null"])
         accelerator = make_accelerator("no", 0, 300, work)
-        trainer = Trainer(cfg, accelerator, StopRequest())
+        trainer = build_trainer(cfg, accelerator, StopRequest())
         trainer.progress.start_epoch(0)
         timed_steps(trainer, 20)  # warm-up
         for round_ in range(args.rounds):

@@ -1,6 +1,6 @@
 """The training worker: one process of a run, started by `distrnn train` or `accelerate launch -m distrnn.train`.
 
-Parses, then calls: the run is `distrnn.worker.training.run_training`, the loop `distrnn.worker.trainer.Trainer`.
+Parses, then calls: the run is `distrnn.worker.training.run_training`, the loop `distrnn.worker.trainer`.
 """
 
 from __future__ import annotations

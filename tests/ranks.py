@@ -40,12 +40,12 @@ def accumulate(acc) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from distrnn.ranks.preemption import StopRequest
-    from distrnn.worker.trainer import Trainer
+    from distrnn.worker.trainer import build_trainer
 
     cfg = build_config(overrides=["data.train_samples=640", "data.test_samples=100", "train.batch_size=16",
                                   "train.grad_accum_steps=3", "train.epochs=1", "wandb.enabled=false",
                                   "checkpoint.every_steps=null", f"train.output_dir={os.environ['RUN_DIR']}"])
-    trainer = Trainer(cfg, acc, StopRequest())
+    trainer = build_trainer(cfg, acc, StopRequest())
     reduced_at: set[int] = set()
     real = default_hooks.allreduce_hook  # what the trainer's own (timing) communication hook calls
 

@@ -28,7 +28,7 @@ class Pausable(Protocol):
 MISTAKES = 25  # the most confident mistakes of the final test evaluation kept for errors.png and W&B (a 5x5 grid)
 
 
-def metrics(name: str, evaluation: Evaluation) -> dict[str, Any]:
+def logged_accuracy(name: str, evaluation: Evaluation) -> dict[str, Any]:
     """The logged form of an evaluation of split `name` (val, test, train)."""
     return {f"{name}/accuracy": evaluation.percent, f"{name}/correct": evaluation.correct,
             f"{name}/seen": evaluation.seen}
@@ -102,7 +102,7 @@ class Evaluator:
         return evaluation
 
 
-def summary(train: Evaluation | None, test: Evaluation) -> dict[str, Any]:
+def summary_counts(train: Evaluation | None, test: Evaluation) -> dict[str, Any]:
     """The counts of summary.json; train_* are null when train.eval_train_set is off."""
     counts = (train.percent, train.correct, train.seen) if train is not None else (None,) * 3
     return {**dict(zip(("train_accuracy", "train_correct", "train_seen"), counts)),

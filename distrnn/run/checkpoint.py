@@ -1,11 +1,11 @@
-"""Atomic training checkpoints: choosing the one to resume from, restoring it, saving, pruning, and
-the best model (`Checkpointer`, the trainer's component; the functions below are its parts).
+"""Atomic training checkpoints: restoring one, saving, pruning, and the best model (`Checkpointer`, the
+trainer's component; the functions below are its parts). Which one to resume from: run/resume.py.
 
 A checkpoint is what `accelerator.save_state` writes (model, optimizer, scheduler, sampler, every
 rank's RNG states) plus meta.json (training position, resolved config, number of processes, W&B
 run id). It is written as .tmp-step-N and renamed when complete, so a save killed half-way leaves
 the previous checkpoint usable. The main process decides every question about the shared folder
-(which checkpoint to resume, whether one exists) and the other ranks use its answer.
+(whether a checkpoint exists, where to write) and the other ranks use its answer.
 """
 
 from __future__ import annotations
@@ -18,20 +18,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, set_seed
 
-from distrnn.config.schema import MATCH, Change, Config, changes_since
-from distrnn.config.values import read_yaml
 from distrnn.errors import DistrnnError
 from distrnn.ranks.collectives import agree, from_main, main_print
-from distrnn.run import elastic, integrity
+from distrnn.run import integrity
 from distrnn.run.folder import CheckpointFolder, RunFolder
 from distrnn.run.hold import FolderHold
+from distrnn.run.layout import Layout, position_in, resumed_rng_seed
 from distrnn.run.model_files import save_model_folder
 from distrnn.testing import faults
+
+if TYPE_CHECKING:
+    from distrnn.run.resume import ResumePoint
 
 
 @dataclass
@@ -51,14 +53,6 @@ def estimated_bytes(parameters: int, num_processes: int) -> int:
     return 3 * 4 * parameters + 20_000 * num_processes
 
 
-def read_meta(checkpoint: CheckpointFolder) -> dict[str, Any]:
-    try:
-        return json.loads(checkpoint.meta.read_text())
-    except (OSError, ValueError) as e:
-        raise DistrnnError(f"checkpoint '{checkpoint.path}' is unreadable ({e}); "
-                           "pass another with --resume PATH") from None
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -68,7 +62,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(accelerator: Accelerator, folder: RunFolder, position: Position, meta: dict[str, Any], keep: int,
+def write_checkpoint(accelerator: Accelerator, folder: RunFolder, position: Position, meta: dict[str, Any], keep: int,
          needed_bytes: int, tensors: list[str]) -> Path:
     """Collective: every rank calls it (Accelerate saves each rank's RNG state)."""
     final, tmp = folder.checkpoint(position.global_step), folder.checkpoint(position.global_step, tmp=True)
@@ -176,148 +170,37 @@ def prune(folder: RunFolder, keep: int) -> None:
     integrity.fsync_folder(folder.checkpoints)
 
 
-def newest_verified(folder: RunFolder, held: bool) -> tuple[CheckpointFolder | None, list[str]]:
-    """The newest checkpoint that verifies, and warnings: incomplete ones passed over, damaged ones set aside
-    (`held`: this run holds the folder) or passed over where they are (another run's folder: never changed)."""
-    found = folder.all_checkpoints()
-    warnings = [f"skipping incomplete checkpoint {c.path} (a save was interrupted)"
-                for c in found if not c.is_complete()]
-    for checkpoint in reversed([c for c in found if c.is_complete()]):
-        what = integrity.damage(checkpoint.path, checkpoint.meta)
-        if what is None:
-            return checkpoint, warnings
-        if held:
-            aside = integrity.set_aside(checkpoint.path)
-            warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); set aside as {aside.name}")
-        else:
-            warnings.append(f"checkpoint {checkpoint.path} is damaged ({what}); passed over and left as it is "
-                            "(another run's folder)")
-    return None, warnings
-
-
-def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None, list[str]]:
-    """The checkpoint `--resume auto|never|PATH` selects, and warnings to print."""
-    if resume == "never":
-        return None, []
-    held = True  # the run's own folder (--resume auto)
-    if resume != "auto":
-        given = CheckpointFolder(Path(resume))
-        if given.is_complete():
-            what = integrity.damage(given.path, given.meta)
-            if what is not None:
-                raise DistrnnError(f"--resume {resume}: that checkpoint is damaged ({what}); pass another, or a run "
-                                   "folder, or --resume never")
-            return given, []
-        given_folder = RunFolder(resume)
-        held, folder = given_folder.root.resolve() == folder.root.resolve(), given_folder
-    found, warnings = newest_verified(folder, held)
-    if found is None and resume != "auto":
-        raise DistrnnError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/step-* folder "
-                           "or a run folder that has one, or --resume never")
-    if found is None and folder.damaged_checkpoints():
-        raise DistrnnError(f"no checkpoint in {folder.checkpoints} verifies (set aside: "
-                           f"{', '.join(p.name for p in folder.damaged_checkpoints())}); start afresh with "
-                           "--resume never, or pass another --output-dir")
-    if found is not None and any("is damaged" in w for w in warnings):
-        warnings.append(f"resuming from {found.path}, the newest checkpoint that verifies")
-    return found, warnings
-
-
-def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None, meta: dict[str, Any] | None,
-                 num_processes: int) -> list[Change]:
-    """The config changes a resume applies; the others are refused with one line naming every key.
-
-    The same table (each key's resume policy in config.py) guards a finished run in the folder.
-    """
-    finished = folder.is_finished() and cfg.checkpoint.resume == "auto"
-    if meta is None:  # nothing to resume: only a finished run's config.yaml can object
-        if not (finished and folder.config.is_file()):
-            return []
-        saved = read_yaml(folder.config)
-    else:
-        saved = meta["config"]
-    changes = changes_since(saved, cfg)
-    refused = [c for c in changes if not c.allowed(cfg)]
-    if refused and finished:
-        listed = ", ".join(f"{c.key}: {c.old} -> {c.new}" for c in refused)
-        raise DistrnnError(f"{folder.root} holds a finished run with another config ({listed}); pass another "
-                           "--output-dir, or --resume never to start over there")
-    if refused:
-        old = ", ".join(f"{c.key}={c.old}" for c in refused)
-        new = ", ".join(f"{c.key}={c.new}" for c in refused)
-        why = "; the onecycle schedule is fixed at the start" if any(c.policy != MATCH for c in refused) else ""
-        raise DistrnnError(f"checkpoint {found.path} has {old} but this run asks for {new}{why}; use the same "
-                           "config, another --output-dir, or --resume never")
-    if meta is not None:
-        position = meta["position"]
-        begun = position["epoch"] + (1 if position["step_in_epoch"] else 0)
-        if cfg.train.epochs < begun:
-            raise DistrnnError(f"checkpoint {found.path} is {begun} epoch(s) in; train.epochs={cfg.train.epochs} "
-                               f"cannot undo that: ask for {begun} or more, or --resume never")
-    return changes if meta is not None else []
-
-
 # Called on every rank with (folder, global step) once a checkpoint is published (Ray's launcher reports it)
 OnSaved = Callable[[Path, int], None]
 
 
 class Checkpointer:
-    """The trainer's checkpoints: where to resume, restoring, saving (and pruning), the best model.
+    """The trainer's checkpoints: restoring, saving (and pruning), the best model.
 
     Collectives (every rank calls each, the main process alone touches the shared folder):
-    `resume_point` (one gather and one broadcast), `restore` (accelerate's load_state, which reads
-    every rank's own RNG file), `save` (three agreements around save_state), `save_best` (one agreement).
+    `restore` (accelerate's load_state, which reads every rank's own RNG file), `save` (three agreements
+    around save_state), `save_best` (one agreement).
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, folder: RunFolder, parameters: int, hold: FolderHold,
-                 on_saved: OnSaved | None = None):
-        self.accelerator, self.cfg, self.folder, self.hold, self.on_saved = accelerator, cfg, folder, hold, on_saved
-        self.requested = (cfg.train.batch_size, cfg.train.grad_accum_steps)  # as first started: resume_point
-        self.written: set[Path] = set()  # the checkpoints of this run: resumed from (resume_point) or saved here
+    def __init__(self, accelerator: Accelerator, start: ResumePoint, folder: RunFolder, checkpoint_bytes: int,
+                 hold: FolderHold, on_saved: OnSaved | None = None):
+        """`start`: where the run started (its config is the one every checkpoint records); `checkpoint_bytes`:
+        what one checkpoint needs (estimated_bytes)."""
+        self.accelerator, self.folder, self.hold, self.on_saved = accelerator, folder, hold, on_saved
+        self.cfg, self.requested = start.cfg, start.requested
+        # The checkpoints of this run: resumed from or saved here (refuse_anothers)
+        self.written: set[Path] = {start.checkpoint.path} if start.checkpoint else set()
         self.say = main_print(accelerator)
-        self.bytes = estimated_bytes(parameters, accelerator.num_processes)
+        self.bytes = checkpoint_bytes
         accelerator.register_save_state_pre_hook(untie_weights)
         accelerator.register_load_state_pre_hook(load_weights)
 
-    def resume_point(self) -> tuple[CheckpointFolder | None, dict[str, Any] | None, Config]:
-        """The checkpoint to continue from and its meta.json (None, None for a fresh start), after the run
-        folder passed its checks (this run holds it first), and the config to train with: on another number
-        of processes it keeps the checkpoint's global batch (elastic.py). The main process decides and every
-        rank uses its answer."""
-        cfg, acc = self.cfg, self.accelerator
-
-        def decide():
-            held = self.hold.take()
-            found, warnings = find_resume(self.folder, cfg.checkpoint.resume)
-            meta = read_meta(found) if found else None
-            changes = check_resume(self.folder, cfg, found, meta, acc.num_processes)
-            layout, moved = (elastic.resume_layout(meta, cfg, acc.num_processes, found.path) if meta
-                             else (elastic.of(cfg, acc.num_processes), None))
-            self.requested = elastic.requested(meta, cfg)
-            chosen = elastic.apply(cfg, layout)
-            aside = self.folder.prepare(chosen.to_yaml(), needed_bytes=(cfg.checkpoint.keep + 2) * self.bytes + 2**20,
-                                        start_over=cfg.checkpoint.resume == "never")
-            for warning in held + warnings:
-                self.say(f"warning: {warning}")
-            if aside:
-                self.say(f"--resume never: the earlier run's files in {self.folder.root} were moved to {aside}")
-            for change in changes:
-                if change.key not in ("train.batch_size", "train.grad_accum_steps"):  # said by `moved`
-                    self.say(f"resume: {change.key} changed from {change.old} to {change.new} ({change.policy})")
-            if moved:
-                self.say(f"resume: {moved}")
-            return found, meta, chosen, self.requested
-
-        found, meta, self.cfg, self.requested = from_main(acc, agree(acc, decide, here=acc.is_main_process))
-        self.written = {found.path} if found else set()
-        return found, meta, self.cfg
-
-    def restore(self, found: CheckpointFolder | None, meta: dict[str, Any] | None, optimizer,
-                constant_lr: bool, batches_per_epoch: int) -> Position:
-        """Model, optimizer, scheduler, sampler and RNG states from `found`; where training stands."""
-        if not meta:
+    def restore(self, start: ResumePoint, optimizer, constant_lr: bool, batches_per_epoch: int) -> Position:
+        """Model, optimizer, scheduler, sampler and RNG states from the checkpoint `start` names; where training
+        stands (the beginning for a fresh start)."""
+        found, meta, acc = start.checkpoint, start.meta, self.accelerator
+        if found is None:
             return Position()
-        acc = self.accelerator
 
         def load() -> None:
             faults.fail_startup("checkpoint", acc.process_index)
@@ -330,10 +213,10 @@ class Checkpointer:
         if constant_lr:  # load_state restored the saved lr; a changed one applies from here on
             for group in optimizer.param_groups:
                 group["lr"] = self.cfg.optim.lr
-        now = elastic.of(self.cfg, acc.num_processes)
-        position = Position(**elastic.position(meta, now))
-        if now.processes != elastic.saved(meta).processes:  # the saved RNG states cannot be shared out
-            set_seed(elastic.rng_seed(self.cfg.train.seed, position.global_step, acc.process_index))
+        now = Layout.configured(self.cfg, acc.num_processes)
+        position = Position(**position_in(meta, now))
+        if now.processes != Layout.saved_in(meta).processes:  # the saved RNG states cannot be shared out
+            set_seed(resumed_rng_seed(self.cfg.train.seed, position.global_step, acc.process_index))
         # accumulate() ends an update when Accelerate's micro-batch counter (Accelerator.step) reaches a multiple
         # of the accumulation. load_state restored this rank's count of the saved layout: 25 after 25 updates of
         # 2 processes x 1 made a resume on 1 x 2 apply 1 micro-batch first, then straddle every update and drop
@@ -351,11 +234,11 @@ class Checkpointer:
         agree(self.accelerator, lambda: self.refuse_anothers(position.global_step),
               here=self.accelerator.is_main_process)
         steps_in_epoch = position.step_in_epoch // self.cfg.train.grad_accum_steps
-        layout = elastic.of(self.cfg, self.accelerator.num_processes).record(steps_in_epoch, self.requested)
-        path = save(self.accelerator, self.folder, position, {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id,
-                                                              "layout": layout},
-                    keep=self.cfg.checkpoint.keep, needed_bytes=self.bytes + 2**20,
-                    tensors=list(self.accelerator.unwrap_model(model).state_dict()))
+        layout = Layout.configured(self.cfg, self.accelerator.num_processes).record(steps_in_epoch, self.requested)
+        meta = {"config": self.cfg.to_dict(), "wandb_run_id": wandb_id, "layout": layout}
+        path = write_checkpoint(self.accelerator, self.folder, position, meta, keep=self.cfg.checkpoint.keep,
+                                needed_bytes=self.bytes + 2**20,
+                                tensors=list(self.accelerator.unwrap_model(model).state_dict()))
         self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
         self.written.add(path)
         if self.on_saved is not None:

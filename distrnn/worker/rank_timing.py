@@ -68,6 +68,10 @@ class RankTiming:
             self.interval[phase] += now - self.last
         self.last = now
 
+    def count_update(self) -> None:
+        """One optimizer update ended (the interval's figures are per update, not per micro-batch)."""
+        self.steps += 1
+
     def attach(self, model) -> None:
         """Time DDP's gradient all-reduce (a communication hook on the prepared model; CPU only, see above)."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not self.cuda:

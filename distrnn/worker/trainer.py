@@ -1,11 +1,11 @@
 """The training loop of one worker process.
 
-`Trainer.__init__` sets up (data, resume point, run folder, model, optimizer, trackers) and creates all
-the state a step touches; `Trainer.fit` is the loop, and reads like the seed notebook's: for each epoch,
-for each batch, step; then evaluate. Everything a step may trigger (a log line, a checkpoint, a
-mid-epoch evaluation, a stop) is decided in `after_step`. The collaborators own their state:
-`Checkpointer` (checkpoint.py), `Evaluator` (evaluator.py), `Progress` (progress.py), `RunLog`
-(tracking.py) and `NonFiniteGuard` (nonfinite.py).
+`build_trainer` decides where the run starts (run/resume.py) and so the final config; `Trainer.__init__`
+builds every component from that config and creates all the state a step touches; `Trainer.fit` is the
+loop, and reads like the seed notebook's: for each epoch, for each batch, step; then evaluate. Everything a
+step may trigger (a log line, a checkpoint, a mid-epoch evaluation, a stop) is decided in `after_step`. The
+components own their state: `Checkpointer` (run/checkpoint.py), `Evaluator` (evaluation/evaluator.py),
+`Progress` (progress.py), `RunLog` (the trackers, tracking.py) and `NonFiniteGuard` (nonfinite.py).
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ from distrnn.evaluation import figures
 from distrnn.evaluation.evaluator import (
     Evaluator,
     best_validation,
-    metrics,
+    logged_accuracy,
     patience_exhausted,
-    summary,
+    summary_counts,
     validation_summary,
 )
 from distrnn.model import StackedRNN, count_parameters
 from distrnn.ranks.collectives import agree, dist_sum, main_print
 from distrnn.ranks.devices import PrecisionChoice, choose_precision
 from distrnn.ranks.preemption import StoppedOnRequest, StopRequest
-from distrnn.run.checkpoint import Checkpointer, OnSaved
+from distrnn.run.checkpoint import Checkpointer, OnSaved, estimated_bytes
 from distrnn.run.folder import RunFolder
 from distrnn.run.hold import FolderHold
 from distrnn.run.model_files import save_model
+from distrnn.run.resume import ResumePoint, decide_resume
 from distrnn.testing import faults
 from distrnn.worker.nonfinite import CHECK_EVERY, NonFiniteGuard, ScalerSkips, raise_nonfinite
 from distrnn.worker.profiling import StepProfile
@@ -65,24 +66,33 @@ def start_lines(cfg: Config, accelerator: Accelerator, precision: PrecisionChoic
             f"-----------------------\nmodel: {parameters:,} parameters")
 
 
+def build_trainer(cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None,
+                  on_checkpoint: OnSaved | None = None) -> Trainer:
+    """A start, in order: the data (a missing or damaged data set stops the run before anything is written),
+    then where the run starts and the config that implies (the main process decides once, holding the run
+    folder), then the Trainer, every component of which is built from that final config. `hold`: the run
+    folder's (its owner releases it; by default the Trainer's, released by Trainer.close)."""
+    hold = hold or FolderHold(RunFolder(cfg.train.output_dir).hold)
+    data = loaders.load_run_data(accelerator, cfg)  # reads data.* and train.seed, which a resume never changes
+    model = StackedRNN(cfg.model)
+    faults.flatten_like_cudnn(model.rnn)
+    faults.run_rnn_as_on_a_gpu()
+    checkpoint_bytes = estimated_bytes(count_parameters(model), accelerator.num_processes)
+    start = decide_resume(accelerator, cfg, RunFolder(cfg.train.output_dir), hold,
+                          needed_bytes=(cfg.checkpoint.keep + 2) * checkpoint_bytes + 2**20)
+    return Trainer(start, accelerator, data, model, checkpoint_bytes, stop_request, hold, on_checkpoint)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, stop_request: StopRequest, hold: FolderHold | None = None,
-                 on_checkpoint: OnSaved | None = None):
-        """`hold`: the folder's hold (taken before any write; its owner releases it); `on_checkpoint(path, step)`."""
-        self.cfg, self.accelerator, self.stop_request = cfg, accelerator, stop_request
+    def __init__(self, start: ResumePoint, accelerator: Accelerator, data: loaders.RunData, model: StackedRNN,
+                 checkpoint_bytes: int, stop_request: StopRequest, hold: FolderHold, on_checkpoint: OnSaved | None):
+        """Built from `start.cfg`, final: the run's config in the layout its resume implies (build_trainer).
+        `hold`: the run folder's, taken by decide_resume; its owner releases it. `on_checkpoint(path, step)`."""
+        cfg = self.cfg = start.cfg
+        self.accelerator, self.data, self.stop_request, self.hold = accelerator, data, stop_request, hold
         self.folder = RunFolder(cfg.train.output_dir)
         self.say = main_print(accelerator)
-        # Data first: a missing or damaged data set stops the run before anything is written.
-        self.data = loaders.load_run_data(accelerator, cfg)
-        model = StackedRNN(cfg.model)
-        faults.flatten_like_cudnn(model.rnn)
-        faults.run_rnn_as_on_a_gpu()
-        self.hold = hold or FolderHold(self.folder.hold)
-        self.checkpointer = Checkpointer(accelerator, cfg, self.folder, count_parameters(model), self.hold,
-                                         on_checkpoint)
-        # The config to train with: a resume on another number of processes keeps the global batch.
-        resume_from, meta, cfg = self.checkpointer.resume_point()
-        self.cfg = cfg
+        self.checkpointer = Checkpointer(accelerator, start, self.folder, checkpoint_bytes, hold, on_checkpoint)
         accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # what accumulate() counts to
         self.global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
         self.precision = choose_precision(cfg.train.precision, on_cpu=accelerator.device.type == "cpu")  # as made
@@ -90,17 +100,15 @@ class Trainer:
         faults.announce(accelerator.process_index)
         # Each start-up step that one rank alone can fail runs under agree: the others stop at once with it,
         # instead of waiting in the next collective (DDP's constructor: 30-300 s on NCCL).
-        self.log = agree(accelerator, lambda: self._start_locally(meta, model))
+        self.trackers = agree(accelerator, lambda: self._start_locally(start.meta, model))
         # Fused: one kernel for the whole update, and it can skip a step on the device (see nonfinite.py).
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
+        self.guard = NonFiniteGuard(optimizer, accelerator.device, scaler_owns_skips=accelerator.scaler is not None)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.guard = NonFiniteGuard(self.optimizer.optimizer, accelerator.device,
-                                    scaler_owns_skips=accelerator.scaler is not None)
-        self.loader = loaders.make_train_loader(accelerator, cfg, self.data)
+        self.loader = loaders.make_train_loader(accelerator, cfg, data)
         self.steps_per_epoch = -(-len(self.loader) // cfg.train.grad_accum_steps)  # a partial last group counts
         self.scheduler = onecycle(accelerator, self.optimizer, cfg, self.steps_per_epoch)
-        self.position = self.checkpointer.restore(resume_from, meta, self.optimizer, self.scheduler is None,
-                                                  len(self.loader))
+        self.position = self.checkpointer.restore(start, self.optimizer, self.scheduler is None, len(self.loader))
         self.scaler_skips = ScalerSkips(accelerator.scaler)  # after restore: it starts from the restored scale
         self.progress = Progress(accelerator, cfg.train.batch_size * accelerator.num_processes,
                                  self.position.train_seconds)
@@ -108,7 +116,7 @@ class Trainer:
         self.profile = StepProfile(cfg.train.profile_steps, self.folder.profile, accelerator.process_index,
                                    accelerator.device)
         self.profile.at(self.position.global_step)
-        self.evaluator = Evaluator(accelerator, self.model, cfg.train.eval_batch_size, self.data.val, self.data.test,
+        self.evaluator = Evaluator(accelerator, self.model, cfg.train.eval_batch_size, data.val, data.test,
                                    self.progress)
         self.early_stopped = patience_exhausted(self.position.history, cfg.train.early_stop_patience)  # stays so
         self.bar: tqdm | None = None  # the epoch's progress bar (a terminal only)
@@ -172,7 +180,8 @@ class Trainer:
             timing.mark("optimizer")
         p.step_in_epoch += 1
         p.global_step += int(acc.sync_gradients)
-        timing.steps += int(acc.sync_gradients)
+        if acc.sync_gradients:
+            timing.count_update()
         self.loss = loss.detach()
 
     def step_scheduler(self) -> None:
@@ -198,7 +207,7 @@ class Trainer:
         if save:
             self.save_checkpoint()
         if evaluate:
-            self.evaluate(self.position.epoch + self.position.step_in_epoch / len(self.loader))
+            self.evaluate_and_record(self.position.epoch + self.position.step_in_epoch / len(self.loader))
         self.progress.timing.restart()  # checks, logs, saves and evaluations are not waiting for data
 
     def stop_if_requested_or_nonfinite(self) -> None:
@@ -225,9 +234,9 @@ class Trainer:
             self.save_checkpoint()
             return
         running_accuracy, epoch = self.progress.epoch_accuracy(), self.position.epoch
-        result = self.evaluate(epoch + 1, last=epoch + 1 == self.cfg.train.epochs)
+        result = self.evaluate_and_record(epoch + 1, last=epoch + 1 == self.cfg.train.epochs)
         throughput = self.progress.throughput(self.position.step_in_epoch)
-        self.log.log({"train/epoch_samples_per_s": throughput, "train/running_accuracy": running_accuracy},
+        self.trackers.log({"train/epoch_samples_per_s": throughput, "train/running_accuracy": running_accuracy},
                      self.position.global_step)
         self.say(f"epoch {epoch + 1}/{self.cfg.train.epochs}: {self.evaluator.name} {result.correct} / {result.seen} "
                  f"({result.percent:.2f}%), {throughput:.0f} samples/s, {self.progress.epoch_clock.seconds:.1f} s")
@@ -243,16 +252,16 @@ class Trainer:
         self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{throughput:.0f}")
         if not sys.stderr.isatty():
             self.say(f"epoch {epoch}/{self.cfg.train.epochs} step {step}: loss {loss:.4f}, {throughput:.0f} samples/s")
-        self.log.log({**logged, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
+        self.trackers.log({**logged, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
 
-    def evaluate(self, epoch_progress: float, last: bool = False):
+    def evaluate_and_record(self, epoch_progress: float, last: bool = False):
         """An exact evaluation during training, recorded against the training time so far (evaluation
         not counted). Validation keeps the best model and decides early stopping."""
         evaluation, name = self.evaluator.during_training(last), self.evaluator.name
         self.position.history.append({"epoch": round(epoch_progress, 3), "step": self.position.global_step,
                                       f"{name}_accuracy": evaluation.percent,
                                       "train_seconds": self.progress.train_seconds})
-        self.log.log({**metrics(name, evaluation), "epoch": epoch_progress}, self.position.global_step)
+        self.trackers.log({**logged_accuracy(name, evaluation), "epoch": epoch_progress}, self.position.global_step)
         if name == "val":
             accuracy, step = best_validation(self.position.history)
             if self.cfg.checkpoint.keep_best and step == self.position.global_step:
@@ -263,7 +272,7 @@ class Trainer:
     def save_checkpoint(self):
         with self.progress.paused():
             self.position.train_seconds = self.progress.train_seconds
-            return self.checkpointer.save(self.position, self.model, self.log.wandb_id)
+            return self.checkpointer.save(self.position, self.model, self.trackers.wandb_id)
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -271,34 +280,34 @@ class Trainer:
         made_now = self.evaluator.last_test is None  # with a holdout (or a finished run resumed): test once, now
         test = self.evaluator.final_test()
         if made_now:
-            self.log.log(metrics("test", test), self.position.global_step)
+            self.trackers.log(logged_accuracy("test", test), self.position.global_step)
         train_acc = self.evaluator.training_set(self.data.train) if self.cfg.train.eval_train_set else None
         if train_acc is not None:
             self.say("Accuracy on training data:")
             self.say(train_acc.report())
         self.say("Accuracy on test data:")
         self.say(test.report())
-        results = self.summary(train_acc, test)
-        self.log.log({**({"train/accuracy": train_acc.percent} if train_acc is not None else {}),
+        results = self.summary_json(train_acc, test)
+        self.trackers.log({**({"train/accuracy": train_acc.percent} if train_acc is not None else {}),
                       "final/test_accuracy": test.percent}, self.position.global_step)
-        self.log.summary(results)
+        self.trackers.summary(results)
         state, pictures = self.accelerator.get_state_dict(self.model), self.evaluator.mistake_pictures()
 
         def write() -> None:
             save_model(state, self.cfg.to_dict(), self.folder)
             figures.write_results(self.folder, test, pictures)
-            self.log.results(test, pictures, self.folder, self.position.global_step)
+            self.trackers.results(test, pictures, self.folder, self.position.global_step)
             self.folder.summary.write_text(json.dumps({**results, "history": self.position.history}, indent=2) + "\n")
 
         agree(self.accelerator, write, here=self.accelerator.is_main_process)
         return results
 
-    def summary(self, train_acc, test) -> dict[str, Any]:
+    def summary_json(self, train_acc, test) -> dict[str, Any]:
         """summary.json (collective: every rank's figures are gathered for "ranks")."""
         seconds, best = self.progress.train_seconds, self.folder.best if self.cfg.checkpoint.keep_best else None
         ended_early = self.early_stopped and self.position.epoch < self.cfg.train.epochs
         return {
-            **summary(train_acc, test), "train_seconds": seconds, "eval_seconds": self.evaluator.seconds,
+            **summary_counts(train_acc, test), "train_seconds": seconds, "eval_seconds": self.evaluator.seconds,
             "samples_per_s": self.position.global_step * self.global_batch / max(seconds, 1e-9),
             "global_batch": self.global_batch, "steps": self.position.global_step,
             "precision": self.precision.to_dict(), "faults": faults.injected(),
@@ -307,11 +316,11 @@ class Trainer:
             "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20 if self.accelerator.device.type == "cuda"
                             else None),
             "grad_scaler_skipped_steps": self.position.skipped_updates if self.guard.scaler_owns_skips else None,
-            "scheduler_steps": self.scheduler.scheduler.last_epoch if self.scheduler is not None else None,
+            "scheduler_steps": self.scheduler.state_dict()["last_epoch"] if self.scheduler is not None else None,
             **validation_summary(self.position.history, ended_early, best),
             "ranks": self.progress.timing.per_rank(self.global_batch // self.accelerator.num_processes),
         }
 
     def close(self) -> None:
-        self.log.close()
+        self.trackers.close()
         self.hold.release()

@@ -19,17 +19,17 @@ if TYPE_CHECKING:
 def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str, Any]:
     """This process's part of a run: the Trainer's fit, with a lost peer turned into one line. `on_checkpoint`
     (path, step) is called on every rank after each checkpoint is published (Ray's launcher reports them)."""
-    from distrnn.worker.trainer import Trainer
+    from distrnn.worker.trainer import build_trainer
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
-    hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken by the Trainer before it writes there
+    hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken (decide_resume) before anything is written there
     accelerator = trainer = heartbeats = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
         heartbeats = Heartbeats.start(accelerator)
-        trainer = Trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
+        trainer = build_trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
         return trainer.fit()
     except Exception as e:
         lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s)

@@ -8,7 +8,7 @@ import pytest
 
 from distrnn.config.schema import Config, build_config
 from distrnn.errors import DistrnnError
-from distrnn.run import checkpoint, integrity
+from distrnn.run import checkpoint, integrity, resume
 from distrnn.run.folder import RunFolder
 
 
@@ -33,7 +33,7 @@ def test_newest_complete_checkpoint_is_chosen_and_torn_ones_reported(folder):
     make(folder, 20)
     make(folder, 30, complete=False)  # killed before meta.json
     make(folder, 40, tmp=True)  # killed before the rename
-    found, warnings = checkpoint.find_resume(folder, "auto")
+    found, warnings = resume.find_resume(folder, "auto")
     assert found.path == folder.checkpoint(20).path
     assert sorted(warnings) == sorted(f"skipping incomplete checkpoint {folder.checkpoint(s, tmp=t).path} (a save was "
                                       "interrupted)" for s, t in [(30, False), (40, True)])
@@ -42,23 +42,23 @@ def test_newest_complete_checkpoint_is_chosen_and_torn_ones_reported(folder):
 def test_steps_sort_numerically_not_by_name(folder):
     make(folder, 9)
     make(folder, 100_000_000)  # more digits than the zero padding
-    assert checkpoint.find_resume(folder, "auto")[0].step == 100_000_000
+    assert resume.find_resume(folder, "auto")[0].step == 100_000_000
 
 
 def test_resume_never_and_resume_path(folder, tmp_path):
     make(folder, 10)
-    assert checkpoint.find_resume(folder, "never") == (None, [])
+    assert resume.find_resume(folder, "never") == (None, [])
     other = RunFolder(tmp_path / "other")
     make(other, 5)
     make(other, 6)
-    assert checkpoint.find_resume(folder, str(other.root))[0].step == 6  # a run folder
-    assert checkpoint.find_resume(folder, str(other.checkpoint(5).path))[0].step == 5  # one checkpoint
+    assert resume.find_resume(folder, str(other.root))[0].step == 6  # a run folder
+    assert resume.find_resume(folder, str(other.checkpoint(5).path))[0].step == 5  # one checkpoint
     with pytest.raises(DistrnnError, match="no complete checkpoint there"):
-        checkpoint.find_resume(folder, str(tmp_path / "empty"))
+        resume.find_resume(folder, str(tmp_path / "empty"))
 
 
 def test_empty_folder_has_nothing_to_resume(folder):
-    assert checkpoint.find_resume(folder, "auto") == (None, [])
+    assert resume.find_resume(folder, "auto") == (None, [])
 
 
 def test_prune_keeps_the_newest_complete_ones(folder):
@@ -71,35 +71,35 @@ def test_prune_keeps_the_newest_complete_ones(folder):
 
 def test_resume_applies_allowed_changes_and_refuses_the_rest(folder):
     make(folder, 10)
-    found, _ = checkpoint.find_resume(folder, "auto")
-    meta = checkpoint.read_meta(found)
-    changes = checkpoint.check_resume(folder, build_config(overrides=["optim.lr=0.005"]), found, meta, 1)
+    found, _ = resume.find_resume(folder, "auto")
+    meta = resume.read_meta(found)
+    changes = resume.check_resume(folder, build_config(overrides=["optim.lr=0.005"]), found, meta, 1)
     assert [(c.key, c.old, c.new) for c in changes] == [("optim.lr", 0.001, 0.005)]
     with pytest.raises(DistrnnError) as e:
-        checkpoint.check_resume(folder, build_config(overrides=["model.hidden_size=128", "train.seed=3"]),
+        resume.check_resume(folder, build_config(overrides=["model.hidden_size=128", "train.seed=3"]),
                                 found, meta, 1)
     assert str(e.value) == (f"checkpoint {found.path} has model.hidden_size=256, train.seed=0 but this run asks for "
                             "model.hidden_size=128, train.seed=3; use the same config, another --output-dir, or "
                             "--resume never")
-    assert checkpoint.check_resume(folder, Config(), found, meta, 2) == []  # another number of processes: elastic.py
+    assert resume.check_resume(folder, Config(), found, meta, 2) == []  # another number of processes: run/layout.py
 
 
 def test_onecycle_refusal_says_why(folder):
     onecycle = build_config(overrides=["optim.schedule=onecycle"])
     make(folder, 10, cfg=onecycle)
-    found, _ = checkpoint.find_resume(folder, "auto")
+    found, _ = resume.find_resume(folder, "auto")
     with pytest.raises(DistrnnError, match="train.epochs=3 but this run asks for train.epochs=5; the onecycle "
                                            "schedule is fixed at the start"):
-        checkpoint.check_resume(folder, build_config(overrides=["optim.schedule=onecycle", "train.epochs=5"]), found,
-                                checkpoint.read_meta(found), 1)
+        resume.check_resume(folder, build_config(overrides=["optim.schedule=onecycle", "train.epochs=5"]), found,
+                                resume.read_meta(found), 1)
 
 
 def test_finished_run_is_guarded_by_the_same_table(folder):
     make(folder, 10)
     folder.summary.write_text("{}")
-    found, _ = checkpoint.find_resume(folder, "auto")
+    found, _ = resume.find_resume(folder, "auto")
     with pytest.raises(DistrnnError) as e:
-        checkpoint.check_resume(folder, build_config(overrides=["train.seed=1"]), found, checkpoint.read_meta(found), 1)
+        resume.check_resume(folder, build_config(overrides=["train.seed=1"]), found, resume.read_meta(found), 1)
     assert str(e.value) == (f"{folder.root} holds a finished run with another config (train.seed: 0 -> 1); pass "
                             "another --output-dir, or --resume never to start over there")
 
@@ -108,9 +108,9 @@ def test_finished_run_without_checkpoints_is_guarded_by_its_config_yaml(folder):
     folder.root.mkdir(parents=True)
     folder.config.write_text(Config().to_yaml())
     folder.summary.write_text("{}")
-    assert checkpoint.check_resume(folder, build_config(overrides=["train.log_every=5"]), None, None, 1) == []
+    assert resume.check_resume(folder, build_config(overrides=["train.log_every=5"]), None, None, 1) == []
     with pytest.raises(DistrnnError, match=r"holds a finished run with another config \(model.cell: rnn -> gru\)"):
-        checkpoint.check_resume(folder, build_config(overrides=["model.cell=gru"]), None, None, 1)
+        resume.check_resume(folder, build_config(overrides=["model.cell=gru"]), None, None, 1)
 
 
 def test_tensors_sharing_one_buffer_are_untied_before_saving():
@@ -143,10 +143,10 @@ def test_a_checkpoint_missing_a_model_tensor_is_refused(folder):
 
 def test_fewer_epochs_than_the_checkpoint_has_begun_is_refused(folder):
     make(folder, 10)  # epoch 0, 10 steps in: one epoch begun
-    found, _ = checkpoint.find_resume(folder, "auto")
-    meta = checkpoint.read_meta(found)
+    found, _ = resume.find_resume(folder, "auto")
+    meta = resume.read_meta(found)
     meta["position"]["epoch"] = 2  # two finished, the third begun
     with pytest.raises(DistrnnError, match=r"is 3 epoch\(s\) in; train.epochs=2 cannot undo that: ask for 3 or "
                                            r"more, or --resume never"):
-        checkpoint.check_resume(folder, build_config(overrides=["train.epochs=2"]), found, meta, 1)
-    assert checkpoint.check_resume(folder, build_config(overrides=["train.epochs=5"]), found, meta, 1)
+        resume.check_resume(folder, build_config(overrides=["train.epochs=2"]), found, meta, 1)
+    assert resume.check_resume(folder, build_config(overrides=["train.epochs=5"]), found, meta, 1)

@@ -180,3 +180,17 @@ def test_only_config_reads_the_data_dir_variable():
     readers = [p.relative_to(PACKAGE).as_posix() for p in SOURCES
                if "DISTRNN_DATA_DIR" in p.read_text() and '"DISTRNN_DATA_DIR"' in p.read_text()]
     assert readers == ["config/schema.py"]
+
+
+def test_the_trainer_is_built_from_one_final_config():
+    """Where the run starts (and so its config) is decided before the Trainer exists: the Trainer and its
+    Checkpointer take the decided config and keep no altered copy; no component reaches into another's
+    wrapped internals (Accelerate's optimizer and scheduler wrappers, the rank timing's counters)."""
+    trainer = (PACKAGE / "worker" / "trainer.py").read_text()
+    checkpoint = (PACKAGE / "run" / "checkpoint.py").read_text()
+    assert "decide_resume(" in trainer and "resume_point" not in trainer + checkpoint
+    assert len(re.findall(r"self\.cfg\b[\w., ]* = ", trainer + checkpoint)) == 2  # once each, from start.cfg
+    reaching = re.compile(r"\.(scheduler\.scheduler|optimizer\.optimizer)\b|timing\.steps\b")
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in SOURCES
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if reaching.search(line)]
+    assert offenders == []

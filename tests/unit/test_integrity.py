@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distrnn.errors import DistrnnError
-from distrnn.run import checkpoint, integrity
+from distrnn.run import checkpoint, integrity, resume
 from distrnn.run.folder import RunFolder
 from distrnn.run.hold import STALE_AFTER_S, FolderHold, Holder
 from distrnn.run.model_files import load_model
@@ -49,31 +49,31 @@ def folder(tmp_path) -> RunFolder:
 ])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_chosen(folder, damage, what):
     damage(folder.checkpoint(60))
-    found, warnings = checkpoint.find_resume(folder, "auto")
+    found, warnings = resume.find_resume(folder, "auto")
     assert found.step == 40
     assert warnings == [f"checkpoint {folder.checkpoint(60).path} is damaged ({what}); set aside as "
                         ".damaged-step-00000060",
                         f"resuming from {folder.checkpoint(40).path}, the newest checkpoint that verifies"]
     assert (folder.checkpoints / ".damaged-step-00000060").is_dir()  # kept, for a person to look at
-    assert checkpoint.find_resume(folder, "auto") == (found, [])  # and not looked at again
+    assert resume.find_resume(folder, "auto") == (found, [])  # and not looked at again
 
 
 def test_when_no_checkpoint_verifies_one_line_says_how_to_start_afresh(folder):
     for step in (20, 40, 60):
         (folder.checkpoint(step).path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(DistrnnError) as e:
-        checkpoint.find_resume(folder, "auto")
+        resume.find_resume(folder, "auto")
     assert str(e.value) == (f"no checkpoint in {folder.checkpoints} verifies (set aside: .damaged-step-00000020, "
                             ".damaged-step-00000040, .damaged-step-00000060); start afresh with --resume never, or "
                             "pass another --output-dir")
     with pytest.raises(DistrnnError, match="no checkpoint in .* verifies"):  # still, the next time
-        checkpoint.find_resume(folder, "auto")
+        resume.find_resume(folder, "auto")
 
 
 def test_a_damaged_checkpoint_named_by_path_is_refused_not_moved(folder):
     flip_byte(folder.checkpoint(40).path / "optimizer.bin")
     with pytest.raises(DistrnnError, match=r"that checkpoint is damaged \(optimizer.bin does not match"):
-        checkpoint.find_resume(folder, str(folder.checkpoint(40).path))
+        resume.find_resume(folder, str(folder.checkpoint(40).path))
     assert folder.checkpoint(40).path.is_dir()
 
 

@@ -9,8 +9,8 @@ from distrnn.config.options import CONFIG_OPTIONS, overrides_from, to_args
 from distrnn.config.schema import Config, load_config
 from distrnn.errors import ConfigError
 from distrnn.launcher.ray import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
-from distrnn.run.checkpoint import find_resume
 from distrnn.run.folder import RunFolder
+from distrnn.run.resume import find_resume
 from tests.helpers import flip_byte
 from tests.unit.test_integrity import published
 

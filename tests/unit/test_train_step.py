@@ -3,10 +3,12 @@ never reaches the weights (real MNIST, one CPU process)."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
 import torch
+import yaml
 from torch.overrides import TorchFunctionMode
 
 from distrnn.config.schema import build_config
@@ -14,7 +16,7 @@ from distrnn.errors import DistrnnError
 from distrnn.ranks.collectives import make_accelerator, teardown
 from distrnn.ranks.preemption import STOP_SIGNALS, StopRequest
 from distrnn.worker.nonfinite import CHECK_EVERY
-from distrnn.worker.trainer import Trainer
+from distrnn.worker.trainer import build_trainer
 
 # The tensor methods that make the host wait for the device (on a GPU) to read a value.
 SYNCS = {"item", "__bool__", "__int__", "__float__", "tolist", "numpy", "__index__", "nonzero"}
@@ -41,7 +43,7 @@ def make_trainer(tmp_path, data_dir, *overrides: str, scaler: torch.amp.GradScal
                                   "train.log_every=1000", "checkpoint.every_steps=null", *overrides])
     accelerator = make_accelerator("no", 0, 300, str(tmp_path))
     accelerator.scaler = scaler  # what prepare() wraps the optimizer with, and backward() scales by
-    t = Trainer(cfg, accelerator, StopRequest())
+    t = build_trainer(cfg, accelerator, StopRequest())
     reduces = []
     real_reduce = accelerator.reduce
     accelerator.reduce = lambda *a, **k: reduces.append(1) or real_reduce(*a, **k)
@@ -92,7 +94,7 @@ def test_fp16_skip_of_an_overflowing_update_is_counted_and_the_schedule_waits(fp
         assert applied == (step not in overflow), step
         assert not t.accelerator.optimizer_step_was_skipped  # accelerate's flag: never set
     assert t.position.skipped_updates == len(overflow) and t.position.global_step == 12
-    assert t.scheduler.scheduler.last_epoch == 12 - len(overflow)
+    assert t.scheduler.state_dict()["last_epoch"] == 12 - len(overflow)
 
 
 def test_fp16_skip_is_seen_through_accelerates_optimizer_with_a_fused_adam(tmp_path):
@@ -175,3 +177,29 @@ def StackedRNNCopy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_a_resume_on_another_layout_builds_every_component_from_the_one_final_config(tmp_path, data_dir):
+    """A checkpoint of 2 processes x 32 (global batch 64), resumed here on 1 process that asks for 32 x 1:
+    the start decides 32 x 2 accumulation before anything is built, and the Trainer, its Checkpointer,
+    Accelerate's accumulation, the loader and the run folder's config.yaml all have that one config."""
+    t, close = make_trainer(tmp_path, data_dir)
+    try:
+        t.train_step(*next(t.batches))
+        saved = t.save_checkpoint()
+    finally:
+        close()
+    meta = json.loads((saved / "meta.json").read_text())
+    meta["layout"].update(processes=2, global_batch=64)  # as a 2-process run of the same config saves it
+    meta["num_processes"] = 2
+    (saved / "meta.json").write_text(json.dumps(meta))
+    t, close = make_trainer(tmp_path, data_dir)
+    try:
+        assert (t.cfg.train.batch_size, t.cfg.train.grad_accum_steps) == (32, 2)
+        assert t.checkpointer.cfg is t.cfg
+        assert t.accelerator.gradient_accumulation_steps == 2 and t.global_batch == 64
+        assert len(t.loader) == 2 * t.steps_per_epoch  # 20 batches of 32 a 1280-image epoch: 10 updates
+        written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+        assert written["train"]["grad_accum_steps"] == 2
+    finally:
+        close()

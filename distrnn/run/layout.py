@@ -1,5 +1,5 @@
-"""A resume on another number of processes: the global batch kept, the position converted, every sample
-seen exactly once.
+"""A run's layout (processes x per-process batch x accumulation), and a resume on another number of
+processes: the global batch kept, the position converted, every sample seen exactly once.
 
 Exact because the in-memory loader's optimizer step s covers the same samples for the same global batch
 G = per-process batch x processes x accumulation, whatever the three are (loaders.MemoryLoader). So a
@@ -35,6 +35,19 @@ class Layout:
     def describe(self) -> str:
         return f"{self.batch_size} per process x {self.processes} x {self.accumulation} accumulation"
 
+    @classmethod
+    def configured(cls, cfg: Config, processes: int) -> Layout:
+        """The layout `cfg` asks for on `processes` processes."""
+        return cls(processes, cfg.train.batch_size, cfg.train.grad_accum_steps)
+
+    @classmethod
+    def saved_in(cls, meta: dict[str, Any]) -> Layout:
+        """The layout a checkpoint was saved with (from its config, for checkpoints older than "layout")."""
+        if "layout" in meta:
+            return cls(meta["layout"]["processes"], meta["layout"]["batch_size"], meta["layout"]["accumulation"])
+        return cls(meta["num_processes"], meta["config"]["train"]["batch_size"],
+                   meta["config"]["train"]["grad_accum_steps"])
+
     def record(self, steps_in_epoch: int, requested: tuple[int, int]) -> dict[str, Any]:
         """meta.json's "layout": this layout, the samples of the epoch its steps consumed, and the per-process
         batch and accumulation the run's config asked for when it first started (`requested`)."""
@@ -42,24 +55,12 @@ class Layout:
                 "epoch_samples": steps_in_epoch * self.global_batch, "requested": list(requested)}
 
 
-def of(cfg: Config, processes: int) -> Layout:
-    return Layout(processes, cfg.train.batch_size, cfg.train.grad_accum_steps)
-
-
-def saved(meta: dict[str, Any]) -> Layout:
-    """The layout a checkpoint was saved with (from its config, for checkpoints older than "layout")."""
-    if "layout" in meta:
-        return Layout(meta["layout"]["processes"], meta["layout"]["batch_size"], meta["layout"]["accumulation"])
-    return Layout(meta["num_processes"], meta["config"]["train"]["batch_size"],
-                  meta["config"]["train"]["grad_accum_steps"])
-
-
-def requested(meta: dict[str, Any] | None, cfg: Config) -> tuple[int, int]:
+def first_requested(meta: dict[str, Any] | None, cfg: Config) -> tuple[int, int]:
     """(per-process batch, accumulation) the run's config asked for at its first start."""
     if meta is not None and "requested" in meta.get("layout", {}):
         return tuple(meta["layout"]["requested"])
     if meta is not None:
-        before = saved(meta)
+        before = Layout.saved_in(meta)
         return before.batch_size, before.accumulation
     return cfg.train.batch_size, cfg.train.grad_accum_steps
 
@@ -68,13 +69,14 @@ def resume_layout(meta: dict[str, Any], cfg: Config, processes: int, where: obje
     """The layout this run trains with, and the line saying how it differs from the checkpoint's (None if not).
     The run's own config (as first started, or as the checkpoint trained) lets distrnn choose; another one
     must keep the global batch itself."""
-    before, asked = saved(meta), of(cfg, processes)
+    before, asked = Layout.saved_in(meta), Layout.configured(cfg, processes)
     total = before.global_batch
     if asked == before:
         return asked, None
     if asked.global_batch == total:
         chosen = asked  # the user chose another split of the same global batch
-    elif (asked.batch_size, asked.accumulation) not in {(before.batch_size, before.accumulation), requested(meta, cfg)}:
+    elif (asked.batch_size, asked.accumulation) not in {(before.batch_size, before.accumulation),
+                                                        first_requested(meta, cfg)}:
         raise DistrnnError(f"checkpoint {where} trained with a global batch of {total} ({before.describe()}) and this "
                            f"run asks for {asked.global_batch} ({asked.describe()}); the global batch must stay "
                            f"{total}: keep train.batch_size and train.grad_accum_steps, or --resume never")
@@ -101,20 +103,20 @@ def _split(total: int, processes: int, preferred_batch: int, where: object) -> L
     return Layout(processes, batch, per // batch)
 
 
-def apply(cfg: Config, layout: Layout) -> Config:
+def config_with(cfg: Config, layout: Layout) -> Config:
     """`cfg` training with `layout` (the resolved config that config.yaml, W&B and the model file keep)."""
     train = dataclasses.replace(cfg.train, batch_size=layout.batch_size, grad_accum_steps=layout.accumulation)
     return dataclasses.replace(cfg, train=train)
 
 
-def position(meta: dict[str, Any], now: Layout) -> dict[str, Any]:
+def position_in(meta: dict[str, Any], now: Layout) -> dict[str, Any]:
     """The saved position with its batches into the epoch counted in `now`'s micro-batches. Checkpoints are
     saved at whole optimizer steps, so the saved count is a multiple of the saved accumulation."""
-    saved_position, before = dict(meta["position"]), saved(meta)
+    saved_position, before = dict(meta["position"]), Layout.saved_in(meta)
     saved_position["step_in_epoch"] = saved_position["step_in_epoch"] // before.accumulation * now.accumulation
     return saved_position
 
 
-def rng_seed(seed: int, global_step: int, rank: int) -> int:
+def resumed_rng_seed(seed: int, global_step: int, rank: int) -> int:
     """Every rank's RNG seed after a resume on another number of processes: a function of where it stands."""
     return (seed * 1_000_003 + global_step * 7919 + rank) % 2**32
