@@ -63,10 +63,16 @@ def this_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def host_name() -> str:
+    """This machine's short host name (`n2` for n2.cluster.local): how distrnn names a machine to people and
+    to the other ranks (errors, the run folder's hold, heartbeats, the rank timing)."""
+    return socket.gethostname().split(".")[0]
+
+
 def where() -> str:
     """'' on rank 0; ' on rank R (node H)' elsewhere, so a multi-node log says who failed."""
     rank = this_rank()
-    return "" if rank == 0 else f" on rank {rank} (node {socket.gethostname().split('.')[0]})"
+    return "" if rank == 0 else f" on rank {rank} (node {host_name()})"
 
 
 def print_error(prog: str, error: DistrnnError) -> None:

@@ -93,7 +93,7 @@ def download(data_dir: str | Path, missing: list[str]) -> None:
     truncated it while the other read it). Here each downloads alone, and a rename, atomic on local
     disks, NFS and Lustre, puts a complete file in place; a file already there is not touched."""
     raw = raw_dir(data_dir)
-    own = raw.parent / f".download-{socket.gethostname()}-{os.getpid()}"
+    own = raw.parent / f".download-{socket.gethostname()}-{os.getpid()}"  # unique per process: the full host name
     try:
         _fetch(own, missing, raw)
         for train in (True, False):

@@ -160,7 +160,9 @@ def torchrun_args(p: Plan, module: str, worker_args: list[str], rendezvous_timeo
 
 def worker_env(p: Plan) -> dict[str, str]:
     """What the workers need besides torchrun's own variables (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
-    env = {RUN_ID_VARIABLE: f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}"}  # restarts share the hold
+    # Restarts share the hold. The full host name, not errors.host_name: this names one launcher uniquely and
+    # is never shown (two machines may share a short name in different domains).
+    env = {RUN_ID_VARIABLE: f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}"}
     if not os.environ.get("OMP_NUM_THREADS"):
         import psutil
 

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from accelerate.utils import (
     set_seed,
 )
 
-from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, run_cli
+from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, host_name, run_cli
 from distrnn.ranks.devices import (
     check_precision,
     choose_precision,
@@ -238,7 +237,7 @@ class Heartbeats:
         self.prefix = f"distrnn/heartbeat/{run}"
         self.store, self.beat_store = self._client(), self._client()
         self.store.set(f"{self.prefix}/who/{self.rank}",
-                       json.dumps({"host": socket.gethostname().split(".")[0], "pid": os.getpid()}))
+                       json.dumps({"host": host_name(), "pid": os.getpid()}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="distrnn-heartbeat", daemon=True)
         self._thread.start()
@@ -281,7 +280,7 @@ class Heartbeats:
 
     def stop_if_local(self, who: dict) -> None:
         """SIGKILL a silent rank of this machine: one started by the same launcher as this process."""
-        if who["host"] != socket.gethostname().split(".")[0]:
+        if who["host"] != host_name():
             return
         try:
             process = psutil.Process(who["pid"])

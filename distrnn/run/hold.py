@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from distrnn.errors import DistrnnError, Quiet
+from distrnn.errors import DistrnnError, Quiet, host_name
 from distrnn.testing import faults
 
 RUN_ID_VARIABLE = "DISTRNN_RUN_ID"  # set by distrnn's launchers for their workers
@@ -58,7 +57,7 @@ class Holder:
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and (
             f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}") or os.environ.get(
             "SLURM_JOB_ID")
-        return Holder(socket.gethostname().split(".")[0], os.getpid(), now, now, job,
+        return Holder(host_name(), os.getpid(), now, now, job,
                       int(os.environ.get("SLURM_RESTART_COUNT", "0")), os.environ.get(RUN_ID_VARIABLE))
 
     def describe(self) -> str:

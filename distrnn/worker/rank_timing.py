@@ -15,7 +15,6 @@ there (its completion cannot be timed from the host without a sync) and is part 
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+
+from distrnn.errors import host_name
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 SLOW_MARGIN = 1.5  # compute this many times the others' median ...
@@ -39,7 +40,7 @@ class RankTiming:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.cuda = accelerator.device.type == "cuda"
-        self.host = socket.gethostname().split(".")[0]
+        self.host = host_name()
         self.hosts = gather_object([self.host]) if accelerator.num_processes > 1 else [self.host]
         self.interval = dict.fromkeys(PHASES, 0.0)  # seconds since the last report
         self.total = dict.fromkeys(PHASES, 0.0)  # seconds over this start
