@@ -19,13 +19,11 @@ from distrnn.config.options import (
     with_options,
 )
 from distrnn.config.schema import default_data_dir, load_config
-from distrnn.errors import DistrnnError, debug_enabled, run_cli
+from distrnn.errors import CONTEXT_SETTINGS, DistrnnError, debug_enabled, run_cli
 from distrnn.launcher import engines, processes
 from distrnn.ranks import devices
 from distrnn.ranks.devices import check_precision
 from distrnn.testing import faults
-
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 mode_option = click.option(
     "--mode", type=click.Choice(processes.MODES), default="auto", show_default=True,
@@ -53,7 +51,7 @@ class Commands(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=Commands, context_settings=_CONTEXT)
+@click.group(cls=Commands, context_settings=CONTEXT_SETTINGS)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (or DISTRNN_DEBUG=1).")
 def main(debug: bool) -> None:
     """Train a stacked RNN on MNIST on a CPU, one GPU, DDP or SLURM, with exact global accuracy."""
@@ -62,7 +60,7 @@ def main(debug: bool) -> None:
 
 
 @with_options(CONFIG_OPTIONS)
-@main.command(name="train", context_settings=_CONTEXT)
+@main.command(name="train", context_settings=CONTEXT_SETTINGS)
 @mode_option
 @processes_option
 @click.option("--num-machines", type=int, default=None,
@@ -134,7 +132,7 @@ def on_ray(cfg, mode: str, address: str | None, num_workers: str, max_failures: 
 
 
 @with_options(EVALUATE_OPTIONS)
-@main.command(name="evaluate", context_settings=_CONTEXT)
+@main.command(name="evaluate", context_settings=CONTEXT_SETTINGS)
 @mode_option
 @processes_option
 def evaluate_command(mode: str, num_processes: int | None, **params: Any) -> None:
@@ -146,7 +144,7 @@ def evaluate_command(mode: str, num_processes: int | None, **params: Any) -> Non
     sys.exit(processes.launch(plan, "distrnn.evaluate", to_args(EVALUATE_OPTIONS, params)))
 
 
-@main.command(name="env", context_settings=_CONTEXT)
+@main.command(name="env", context_settings=CONTEXT_SETTINGS)
 def env_command() -> None:
     """Versions, devices, and the launch config `--mode auto` would use."""
     import torch

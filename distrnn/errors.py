@@ -15,6 +15,9 @@ import socket
 
 import click
 
+# Every distrnn command's Click context: -h as well as --help.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
 
 class DistrnnError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""

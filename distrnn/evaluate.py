@@ -10,6 +10,7 @@ import click
 
 from distrnn.config.options import EVALUATE_OPTIONS, with_options
 from distrnn.data.mnist import load_split
+from distrnn.errors import CONTEXT_SETTINGS
 from distrnn.evaluation.counting import exact_accuracy
 from distrnn.ranks.collectives import agree, main_print, make_accelerator, run_worker, teardown
 from distrnn.ranks.devices import will_run_on_cpu
@@ -17,7 +18,7 @@ from distrnn.run.model_files import load_model
 
 
 @with_options(EVALUATE_OPTIONS)
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 def main(checkpoint: str, data_dir: str | None, batch_size: int | None, limit: int | None,
          precision: str | None) -> None:
     """Print the exact train and test accuracy of a saved model, sharded across processes."""

@@ -11,12 +11,13 @@ import click
 
 from distrnn.config.options import config_options, overrides_from
 from distrnn.config.schema import load_config
+from distrnn.errors import CONTEXT_SETTINGS
 from distrnn.ranks.collectives import run_worker
 from distrnn.worker.training import run_training
 
 
 @config_options
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 def main(config_file: str | None, **params: Any) -> None:
     """Train the stacked RNN on MNIST (one worker process; start it with `accelerate launch` or `distrnn train`)."""
     run_training(load_config(config_file, overrides_from(params)))

@@ -20,6 +20,8 @@ from typing import Any
 import click
 import yaml
 
+from distrnn.errors import CONTEXT_SETTINGS
+
 CONTAINER = "node"  # the torch-distributed runtime's replicated job and container
 MOUNT = "/runs"
 
@@ -48,7 +50,7 @@ def trainjob(name: str, image: str, nodes: int, procs_per_node: int | None, clai
     }
 
 
-@click.command(name="k8s-manifest", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="k8s-manifest", context_settings=CONTEXT_SETTINGS)
 @click.option("--name", default="distrnn", show_default=True, help="The TrainJob's name (and the run folder's).")
 @click.option("--image", required=True, help="A container image with distrnn installed.")
 @click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="Pods (machines).")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from distrnn.data.mnist import load_split
-from distrnn.errors import DistrnnError, first_line
+from distrnn.errors import CONTEXT_SETTINGS, DistrnnError, first_line
 from distrnn.model import StackedRNN
 from distrnn.run.model_files import load_model
 
@@ -133,7 +133,7 @@ def check_parity(fmt: str, model: StackedRNN, images: torch.Tensor, path: Path) 
     return f"parity on {n} test images: same prediction for all {n}, {gap}"
 
 
-@click.command(name="export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="export", context_settings=CONTEXT_SETTINGS)
 @click.option("--checkpoint", required=True, help="A run folder, its model.pt, or a checkpoints/step-* folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="onnx (needs pip install 'distrnn[export]') or torchscript.")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from distrnn.data.mnist import read_idx
-from distrnn.errors import DistrnnError, first_line
+from distrnn.errors import CONTEXT_SETTINGS, DistrnnError, first_line
 from distrnn.model import StackedRNN
 from distrnn.run.model_files import load_model
 
@@ -231,7 +231,7 @@ def write_csv(path: Path, rows: list[tuple[str, int, float]]) -> None:
         raise DistrnnError(f"cannot write predictions to {path}: {e.strerror or first_line(e)}") from None
 
 
-@click.command(name="predict", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="predict", context_settings=CONTEXT_SETTINGS)
 @click.option("--checkpoint", required=True,
               help="A run folder (holding model.pt), a model.pt file, or a checkpoints/step-* folder.")
 @click.option("--invert", is_flag=True,

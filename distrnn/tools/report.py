@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from distrnn.errors import DistrnnError, first_line
+from distrnn.errors import CONTEXT_SETTINGS, DistrnnError, first_line
 from distrnn.run.folder import RunFolder
 from distrnn.tools.time_split import draw_time_split
 
@@ -341,7 +341,7 @@ def write_file(path: Path, write: Callable[[Path], object]) -> None:
         raise DistrnnError(f"cannot write {path} ({e.strerror or e}); pass another path") from None
 
 
-@click.command(name="report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="report", context_settings=CONTEXT_SETTINGS)
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.png"),
               show_default=True, help="The PNG to write (overwritten if it exists).")
