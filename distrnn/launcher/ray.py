@@ -27,6 +27,7 @@ import click
 from distrnn.config.options import config_options, overrides_from
 from distrnn.config.schema import load_config
 from distrnn.errors import ConfigError, DistrnnError, PeerLost, exit_status, first_line, run_cli
+from distrnn.run.hold import RUN_ID_VARIABLE
 
 
 def require_ray():
@@ -90,7 +91,7 @@ def run_on_ray(worker_args: list[str], address: str | None, workers: int | tuple
     run_folder = Path(output_dir).resolve()
     env = {"ACCELERATE_USE_CPU": "true"} if use_cpu else {}
     trainer = TorchTrainer(
-        _train, train_loop_config={"args": worker_args, "env": {**env, "DISTRNN_RUN_ID": f"ray-{os.getpid()}"}},
+        _train, train_loop_config={"args": worker_args, "env": {**env, RUN_ID_VARIABLE: f"ray-{os.getpid()}"}},
         torch_config=torch_config("gloo" if use_cpu else "nccl", timeout_s),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=not use_cpu, resources_per_worker={"CPU": 1}),
         # num_to_keep None: distrnn's checkpoint.keep decides which stay (Ray would delete distrnn's folders)

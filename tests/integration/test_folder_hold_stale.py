@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from distrnn.errors import DistrnnError
-from distrnn.run.hold import STALE_AFTER_S, FolderHold, Holder
+from distrnn.run.hold import RUN_ID_VARIABLE, STALE_AFTER_S, FolderHold, Holder
 from tests.helpers import process_env
 
 # Takes the hold, says "held" or "refused: <the one line>", and keeps holding until its stdin closes.
@@ -48,7 +48,7 @@ def test_two_runs_taking_over_one_stale_hold_at_once_one_wins_the_other_is_refus
     pauses.mkdir()
     path.write_text(json.dumps({**Holder.me().__dict__, "pid": 2**22 - 7, "slurm_job": None}))  # gone
     env = process_env({"DISTRNN_FAULTS": f"takeover-pause={pauses}"})
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "DISTRNN_RUN_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", RUN_ID_VARIABLE):
         env.pop(name, None)
     runs = [subprocess.Popen([sys.executable, "-c", TAKER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
@@ -88,7 +88,7 @@ def not_refreshed_for_long(path: Path, **fields) -> dict:
 
 @pytest.fixture
 def outside_slurm(monkeypatch):
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID", "DISTRNN_RUN_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID", RUN_ID_VARIABLE):
         monkeypatch.delenv(name, raising=False)
 
 

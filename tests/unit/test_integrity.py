@@ -11,7 +11,7 @@ import pytest
 from distrnn.errors import DistrnnError
 from distrnn.run import checkpoint, integrity, resume
 from distrnn.run.folder import RunFolder
-from distrnn.run.hold import STALE_AFTER_S, FolderHold, Holder
+from distrnn.run.hold import RUN_ID_VARIABLE, STALE_AFTER_S, FolderHold, Holder
 from distrnn.run.model_files import load_model
 from tests.helpers import flip_byte
 
@@ -206,9 +206,9 @@ def test_a_restarted_worker_of_the_same_run_takes_over_its_hold_and_another_run_
     """A live holder on another node (Ray's or torchrun's earlier workers, not yet known to be gone): only a
     restart of the same `distrnn train` (its launcher's DISTRNN_RUN_ID) may take the hold over."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("DISTRNN_RUN_ID", raising=False)
+    monkeypatch.delenv(RUN_ID_VARIABLE, raising=False)
     if mine:
-        monkeypatch.setenv("DISTRNN_RUN_ID", mine)
+        monkeypatch.setenv(RUN_ID_VARIABLE, mine)
     path = tmp_path / ".hold"
     path.write_text(json.dumps({**Holder.me().__dict__, "host": "node7", "pid": 12, "run_id": theirs}))
     hold = FolderHold(path)
