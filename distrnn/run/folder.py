@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distrnn.errors import DistrnnError
-from distrnn.run.integrity import fsync_folder
+from distrnn.run.integrity import DAMAGED_PREFIX, fsync_folder
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-DAMAGED_PREFIX = ".damaged-"  # integrity.set_aside
 
 
 @dataclass(frozen=True)
