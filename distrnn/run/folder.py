@@ -31,6 +31,10 @@ from pathlib import Path
 from distrnn.errors import DistrnnError
 from distrnn.run.integrity import DAMAGED_PREFIX, fsync_folder
 
+# summary.json "ranks": each rank's training time per optimizer step in these phases ("<phase>_ms_per_step").
+# Written by the worker (worker/rank_timing.py), drawn by `distrnn report` (tools/time_split.py): defined here,
+# with the file both read, because the tools do not import the worker (torch, accelerate).
+TIME_PHASES = ("data", "compute", "allreduce", "optimizer")
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 

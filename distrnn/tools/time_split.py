@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from distrnn.run.folder import TIME_PHASES
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-
-PHASES = ("data", "compute", "allreduce", "optimizer")  # summary.json "ranks": each rank's time split
 
 
 def time_split(run: Any) -> dict[str, float] | None:
@@ -17,7 +17,7 @@ def time_split(run: Any) -> dict[str, float] | None:
     if not isinstance(ranks, list) or not ranks:
         return None
     split = {}
-    for phase in PHASES:
+    for phase in TIME_PHASES:
         values = [r.get(f"{phase}_ms_per_step") for r in ranks if isinstance(r, dict)]
         split[phase] = sum(v for v in values if isinstance(v, (int, float))) / len(ranks)
     return split
@@ -29,7 +29,7 @@ def draw_time_split(ax: Axes, runs: list[Any]) -> None:
     shown = [(run.label, split) for run in runs if (split := time_split(run)) is not None]
     for n, (_, split) in enumerate(shown):
         left = 0.0
-        for k, phase in enumerate(PHASES):
+        for k, phase in enumerate(TIME_PHASES):
             ax.barh(n, split[phase], left=left, color=f"C{k}", label=phase if n == 0 else None, hatch="//" if k % 2
                     else None, edgecolor="white")
             left += split[phase]
@@ -38,7 +38,7 @@ def draw_time_split(ax: Axes, runs: list[Any]) -> None:
     ax.set_title("where the training time went (mean over ranks)")
     ax.set_xlabel("ms per optimizer step")
     if shown:
-        ax.legend(loc="lower right", ncols=len(PHASES))
+        ax.legend(loc="lower right", ncols=len(TIME_PHASES))
     missing = [run.label for run in runs if time_split(run) is None]
     if missing:
         ax.text(0.01, 0.01, f"no time split recorded (written before distrnn kept it): {', '.join(missing)}"[:150],

@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from distrnn.errors import host_name
+from distrnn.run.folder import TIME_PHASES
 
-PHASES = ("data", "compute", "allreduce", "optimizer")
 SLOW_MARGIN = 1.5  # compute this many times the others' median ...
 SLOW_INTERVALS = 3  # ... for this many logging intervals in a row: one rank holds the others back
 WARN_EVERY_S = 60
@@ -42,8 +42,8 @@ class RankTiming:
         self.cuda = accelerator.device.type == "cuda"
         self.host = host_name()
         self.hosts = gather_object([self.host]) if accelerator.num_processes > 1 else [self.host]
-        self.interval = dict.fromkeys(PHASES, 0.0)  # seconds since the last report
-        self.total = dict.fromkeys(PHASES, 0.0)  # seconds over this start
+        self.interval = dict.fromkeys(TIME_PHASES, 0.0)  # seconds since the last report
+        self.total = dict.fromkeys(TIME_PHASES, 0.0)  # seconds over this start
         self.steps = self.total_steps = 0
         self.events: list[tuple[str, Any, Any]] = []  # CUDA: (phase, start event, end event), read at report
         self.last = self._now()
@@ -106,7 +106,7 @@ class RankTiming:
         for phase, seconds in self.interval.items():
             self.total[phase] += seconds
         self.total_steps += self.steps
-        self.interval, self.steps = dict.fromkeys(PHASES, 0.0), 0
+        self.interval, self.steps = dict.fromkeys(TIME_PHASES, 0.0), 0
         if self.cuda:
             mine["allreduce"] = float("nan")
         return mine
@@ -118,7 +118,7 @@ class RankTiming:
         if not self.accelerator.is_main_process:
             return {}
         metrics: dict[str, Any] = {}
-        for phase in PHASES:
+        for phase in TIME_PHASES:
             values = [rank[phase] for rank in everyone]
             if any(v != v for v in values):  # NaN: not measured here (the all-reduce on a GPU)
                 continue
