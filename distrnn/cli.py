@@ -125,7 +125,7 @@ def on_ray(cfg, mode: str, address: str | None, num_workers: str, max_failures: 
 
     workers = worker_counts(num_workers)
     require_ray()
-    use_cpu = mode == "cpu" or (mode == "auto" and devices.visible_gpus() == 0)
+    use_cpu = devices.runs_on_cpu(mode)  # as for torchrun: allocated GPUs torch cannot see are refused
     check_precision(cfg.train.precision, on_cpu=use_cpu)
     return run_on_ray(worker_args, address, workers, max_failures, cfg.train.output_dir, use_cpu,
                       cfg.train.collective_timeout_s)

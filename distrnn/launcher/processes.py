@@ -21,7 +21,7 @@ from distrnn.errors import DistrnnError, first_line, run_cli
 from distrnn.launcher import engines
 from distrnn.launcher.agent import free_port, run_agent
 from distrnn.launcher.network import gloo_interface, wait_for_main
-from distrnn.ranks.devices import check_allocated_gpus_usable, visible_gpus
+from distrnn.ranks.devices import runs_on_cpu, visible_gpus
 from distrnn.run.hold import RUN_ID_VARIABLE
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -64,9 +64,9 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
         gpus = 0 if mode == "cpu" else visible_gpus()  # --mode cpu need not import torch to plan
     if num_processes is not None and num_processes < 1:
         raise DistrnnError(f"--num-processes must be >= 1, got {num_processes}")
+    on_cpu = runs_on_cpu(mode, gpus)
     if mode == "auto":
-        check_allocated_gpus_usable(gpus)
-        mode = "ddp" if gpus > 1 else "gpu" if gpus == 1 else "cpu"
+        mode = "cpu" if on_cpu else "ddp" if gpus > 1 else "gpu"
         if mode == "ddp" and num_processes == 1:
             mode = "gpu"
     if mode in ("gpu", "ddp") and gpus == 0:

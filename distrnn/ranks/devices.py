@@ -28,6 +28,18 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def runs_on_cpu(mode: str, gpus: int | None = None) -> bool:
+    """`--mode`'s device: the launch side's one CPU-or-GPU decision, for both launchers (torchrun's and Ray's).
+    cpu: the CPU; gpu and ddp: a GPU; auto: a GPU when this machine's torch sees one (`gpus`, counted here when
+    None: only auto asks torch). auto refuses GPUs that were allocated but cannot be seen
+    (check_allocated_gpus_usable) rather than train on the CPU without a word."""
+    if mode != "auto":
+        return mode == "cpu"
+    gpus = visible_gpus() if gpus is None else gpus
+    check_allocated_gpus_usable(gpus)
+    return gpus == 0
+
+
 def will_run_on_cpu() -> bool:
     """What an Accelerator made in this process will choose: the CPU when asked (ACCELERATE_USE_CPU,
     which `--mode cpu` sets) or when no GPU is visible."""

@@ -1,13 +1,13 @@
-"""`distrnn train --launcher ray` without a Ray cluster: how a failed Ray run is turned into an exit code and one
-line. The real multi-node runs: tests/cluster/test_ray.py."""
+"""`distrnn train --launcher ray` without a Ray cluster: its CPU-or-GPU decision, how a failed Ray run is turned
+into an exit code and one line. The real multi-node runs: tests/cluster/test_ray.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from distrnn.config.options import CONFIG_OPTIONS, overrides_from, to_args
-from distrnn.config.schema import Config, load_config
-from distrnn.errors import ConfigError
+from distrnn.config.schema import Config, build_config, load_config
+from distrnn.errors import ConfigError, DistrnnError
 from distrnn.launcher.ray import WorkerFailed, outcome, ray_worker, restart_args, worker_counts
 from distrnn.run.folder import RunFolder
 from distrnn.run.resume import find_resume
@@ -24,6 +24,47 @@ def test_worker_counts(text, expected):
 def test_worker_counts_refused(text):
     with pytest.raises(ConfigError, match="give a number of workers"):
         worker_counts(text)
+
+
+@pytest.fixture
+def ray_started(monkeypatch):
+    """cli.on_ray up to Ray: `use_cpu` of each run Ray would have been asked for; no GPU visible, none allocated."""
+    from distrnn.launcher import ray
+    from distrnn.ranks import devices
+
+    started = []
+    monkeypatch.setattr(ray, "require_ray", lambda: None)
+    monkeypatch.setattr(ray, "run_on_ray", lambda args, address, workers, failures, output_dir, use_cpu, timeout_s:
+                        started.append(use_cpu) or 0)
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    return started
+
+
+def test_the_ray_path_refuses_gpus_allocated_but_unseen_as_torchrun_does(ray_started, monkeypatch):
+    """--mode auto on Ray decides CPU or GPU as processes.py does (devices.runs_on_cpu): GPUs allocated to the job
+    that this torch cannot see stop the run, where Ray once started CPU workers without a word."""
+    from distrnn.cli import on_ray
+
+    cfg = build_config()
+    assert on_ray(cfg, "auto", None, "2", 0, []) == 0 and ray_started == [True]  # nothing allocated: the CPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(DistrnnError, match=r"GPUs were allocated \(CUDA_VISIBLE_DEVICES=0,1\) but torch .* sees none"):
+        on_ray(cfg, "auto", None, "2", 0, [])
+    assert ray_started == [True]
+    assert on_ray(cfg, "cpu", None, "2", 0, []) == 0 and ray_started == [True, True]  # --mode cpu never asks
+
+
+def test_the_ray_path_asks_no_gpu_count_for_an_explicit_gpu_mode(ray_started, monkeypatch):
+    """--mode gpu or ddp on Ray: GPU workers, whatever the driver's machine sees (the GPUs may be on other nodes)."""
+    from distrnn.cli import on_ray
+    from distrnn.ranks import devices
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: pytest.fail("counted this machine's GPUs"))
+    for mode in ("gpu", "ddp"):
+        assert on_ray(build_config(), mode, None, "2", 0, []) == 0
+    assert ray_started == [False, False]
 
 
 class FakeWorkerGroupError(Exception):
