@@ -96,8 +96,8 @@ def train_command(mode: str, num_processes: int | None, num_machines: int | None
     cfg = load_config(params["config_file"], overrides_from(params))  # fail here, once, not in every worker
     if launcher == "ray":
         sys.exit(on_ray(cfg, mode, ray_address, num_workers, max_failures, to_args(CONFIG_OPTIONS, params)))
-    plan = processes.plan_run(mode, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
-                              max_restarts)
+    plan = processes.plan_training(mode, num_processes, num_machines, machine_rank, main_process_ip,
+                                   main_process_port, max_restarts)
     check_precision(cfg.train.precision, on_cpu=plan.uses_cpu)
     sys.exit(processes.launch(plan, "distrnn.train", to_args(CONFIG_OPTIONS, params), rendezvous_timeout,
                               max_restarts))
@@ -140,7 +140,7 @@ def evaluate_command(mode: str, num_processes: int | None, **params: Any) -> Non
     from distrnn.run.model_files import load_model
 
     load_model(params["checkpoint"])  # a missing or torn file fails here with one line
-    plan = processes.plan(mode, num_processes)
+    plan = processes.plan_this_machine(mode, num_processes)
     sys.exit(processes.launch(plan, "distrnn.evaluate", to_args(EVALUATE_OPTIONS, params)))
 
 
@@ -178,7 +178,7 @@ def env_command() -> None:
     click.echo(f"faults       {faults.injected() or 'none'} (DISTRNN_FAULTS: test fault injection)")
     click.echo(f"precision    {devices.choose_precision('auto', on_cpu=gpus == 0).describe()}")
     try:
-        plan = processes.plan("auto", None, gpus)
+        plan = processes.plan_this_machine("auto", None, gpus)
     except DistrnnError as e:
         click.echo(f"auto mode    refused: {e}")
         return

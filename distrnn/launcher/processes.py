@@ -1,6 +1,6 @@
-"""The worker processes of a run: how many, on which device (`plan`, from `--mode/--num-processes`),
-and starting them: the worker in this process when it is one process, else torchrun's agent in this
-process (distrnn.launcher.agent).
+"""The worker processes of a run: how many, on which device (`plan_this_machine`, from `--mode/--num-processes`;
+`plan_training`, `distrnn train`'s plan over its machines), and starting them: the worker in this process when it
+is one process, else torchrun's agent in this process (distrnn.launcher.agent).
 
 Each plan names the accelerate launch config in launch/ (installed as distrnn.launch) that starts the
 same processes with `accelerate launch --config_file launch/*.yaml -m distrnn.train` (`distrnn env`
@@ -59,7 +59,10 @@ class Plan:
         return self.num_processes == 1 and self.machines is None and not self.supervised
 
 
-def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
+def plan_this_machine(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
+    """The processes on this machine and their device, from --mode and --num-processes (`gpus`: this machine's
+    visible GPUs, counted when None). One machine, no restarts: `distrnn evaluate`'s plan, and the start of
+    `distrnn train`'s (plan_training)."""
     if gpus is None:
         gpus = 0 if mode == "cpu" else visible_gpus()  # --mode cpu need not import torch to plan
     if num_processes is not None and num_processes < 1:
@@ -86,8 +89,8 @@ def plan(mode: str, num_processes: int | None, gpus: int | None = None) -> Plan:
     return Plan("cpu", n, launch_config("cpu.yaml" if n == 1 else "cpu_multi.yaml"))
 
 
-def plan_run(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
-             main_ip: str | None, main_port: int | None, max_restarts: int = 0) -> Plan:
+def plan_training(mode: str, num_processes: int | None, num_machines: int | None, machine_rank: int | None,
+                  main_ip: str | None, main_port: int | None, max_restarts: int = 0) -> Plan:
     """`distrnn train`'s plan: the command line's flags, and for each machine flag it leaves out what the engine
     that started it says (engines.py: a Kubeflow TrainJob's PET_* variables, a PyTorchJob's, ...)."""
     engine = engines.detect()
@@ -95,8 +98,8 @@ def plan_run(mode: str, num_processes: int | None, num_machines: int | None, mac
     if machines > 1:
         machine_rank = machine_rank if machine_rank is not None else engine.rank
         main_ip, main_port = main_ip or engine.address, main_port or engine.port
-    p = on_machines(plan(mode, num_processes if num_processes is not None else engine.processes), machines,
-                    machine_rank, main_ip, main_port)
+    here = plan_this_machine(mode, num_processes if num_processes is not None else engine.processes)
+    p = on_machines(here, machines, machine_rank, main_ip, main_port)
     if max_restarts and p.in_process:  # one worker, but under torchrun's agent: it can be started again
         p = Plan(p.mode, 1, p.launch_config, p.machines, supervised=True)
     return p

@@ -103,17 +103,17 @@ def environ(monkeypatch):
 
 def test_train_takes_the_machine_flags_the_command_line_leaves_out(environ):
     environ({**TRAINJOB_POD, "PET_NPROC_PER_NODE": "3"})
-    p = processes.plan_run("cpu", None, None, None, None, None)
+    p = processes.plan_training("cpu", None, None, None, None, None)
     assert (p.num_processes, p.launch_config.name) == (3, "multinode.yaml")
     assert p.machines == processes.Machines(2, 1, "distrnn-node-0-0.distrnn", 29400)
-    p = processes.plan_run("cpu", 1, 3, 2, "10.0.0.9", 29999)  # a flag given on the command line wins
+    p = processes.plan_training("cpu", 1, 3, 2, "10.0.0.9", 29999)  # a flag given on the command line wins
     assert (p.num_processes, p.machines) == (1, processes.Machines(3, 2, "10.0.0.9", 29999))
 
 
 def test_train_under_a_pytorchjob_and_under_torchrun(environ):
     environ(PYTORCHJOB_POD)
-    p = processes.plan_run("cpu", None, None, None, None, None)
+    p = processes.plan_training("cpu", None, None, None, None, None)
     assert (p.num_processes, p.machines) == (1, processes.Machines(3, 2, "distrnn-master-0", 23456))
     environ(TORCHRUN_WORKER)  # the pod runs torchrun: its WORLD_SIZE counts processes, and is not taken
-    p = processes.plan_run("cpu", None, None, None, None, None)
+    p = processes.plan_training("cpu", None, None, None, None, None)
     assert (p.num_processes, p.machines, p.launch_config.name) == (1, None, "cpu.yaml")

@@ -22,7 +22,7 @@ from tests.helpers import REPO
     ],
 )
 def test_mode_plans(mode, n, gpus, expected):
-    p = processes.plan(mode, n, gpus)
+    p = processes.plan_this_machine(mode, n, gpus)
     assert (p.mode, p.num_processes, p.launch_config.name) == expected
     assert p.launch_config.is_file()
 
@@ -37,7 +37,7 @@ def test_mode_plans(mode, n, gpus, expected):
 )
 def test_impossible_plans_are_refused(mode, n, gpus, message):
     with pytest.raises(DistrnnError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        processes.plan(mode, n, gpus)
+        processes.plan_this_machine(mode, n, gpus)
 
 
 @pytest.mark.parametrize("name", ["cpu.yaml", "cpu_multi.yaml", "gpu.yaml", "ddp.yaml", "multinode.yaml"])
@@ -83,10 +83,10 @@ def test_auto_mode_refuses_to_fall_back_to_cpu_when_gpus_were_allocated(env, gpu
     if refused:
         with pytest.raises(DistrnnError, match=r"GPUs were allocated \(.*\) but torch .* sees none \(driver: .*\); "
                                                r"install a torch built for this driver and GPU, or use --mode cpu"):
-            processes.plan("auto", None, gpus)
+            processes.plan_this_machine("auto", None, gpus)
     else:
-        processes.plan("auto", None, gpus)
-    processes.plan("cpu", None, gpus)  # --mode cpu never asks
+        processes.plan_this_machine("auto", None, gpus)
+    processes.plan_this_machine("cpu", None, gpus)  # --mode cpu never asks
 
 
 def test_torchruns_own_parser_reads_the_launch_as_planned(monkeypatch):
@@ -96,7 +96,7 @@ def test_torchruns_own_parser_reads_the_launch_as_planned(monkeypatch):
 
     monkeypatch.setenv("PET_NNODES", "7")
     monkeypatch.setenv("PET_MAX_RESTARTS", "9")
-    p = processes.on_machines(processes.plan("cpu", 2, gpus=0), 3, 1, "10.0.0.1", 29611)
+    p = processes.on_machines(processes.plan_this_machine("cpu", 2, gpus=0), 3, 1, "10.0.0.1", 29611)
     args = torchrun.get_args_parser().parse_args(processes.torchrun_args(p, "distrnn.train", ["--config", "smoke"], 45))
     assert (args.nnodes, args.nproc_per_node, args.node_rank, args.master_addr, args.master_port) == (
         "3", "2", 1, "10.0.0.1", 29611)
