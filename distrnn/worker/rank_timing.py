@@ -79,13 +79,12 @@ class RankTiming:
             model.register_comm_hook(None, self.allreduce_hook)
 
     def allreduce_hook(self, state, bucket):
-        """DDP communication hook: the default all-reduce, timed on CPU (the time moves from compute to allreduce)."""
+        """DDP communication hook, registered on CPU only (attach): the default all-reduce, timed (the time moves
+        from compute to allreduce)."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         start = time.perf_counter()
         future = default_hooks.allreduce_hook(state, bucket)
-        if self.cuda:
-            return future
 
         def done(fut):
             seconds = time.perf_counter() - start
