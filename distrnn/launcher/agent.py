@@ -254,7 +254,8 @@ def failed_workers_exit(error) -> int:
 
 def _quiet_torchrun_agent() -> None:
     """torchrun's agent logs each worker's exit as warnings and a multi-line error report; the
-    workers' own one-line errors (and _worker_exit) already say what happened."""
+    workers' own one-line errors (and failed_workers_exit's, for a worker a signal killed) already say what
+    happened."""
     import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
 
     for name in list(logging.root.manager.loggerDict):

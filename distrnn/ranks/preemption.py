@@ -3,11 +3,11 @@
 Workers only set a flag in the handler; the training loop finishes its step, all ranks agree
 through one reduction, and every rank saves the same step.
 
-In a multi-process run the launcher (distrnn.launcher.processes) receives the user's or SLURM's signal and
-passes it on to its workers as FORWARDED[signal], telling them so (FORWARDED_VARIABLE). A SIGTERM that
-reaches such a worker directly is then torchrun's agent ending it because another worker failed: it
-keeps its default action, so that a worker blocked in a collective ends at once instead of trying to
-save a checkpoint with a rank that is gone.
+In a multi-process run the launcher receives the user's or SLURM's signal (distrnn.launcher.agent: its main
+thread, while torchrun's agent runs in another) and passes it on to its workers as FORWARDED[signal], telling
+them so (FORWARDED_VARIABLE). A SIGTERM that reaches such a worker directly is then torchrun's agent ending it
+because another worker failed: it keeps its default action, so that a worker blocked in a collective ends at
+once instead of trying to save a checkpoint with a rank that is gone.
 """
 
 from __future__ import annotations
