@@ -39,7 +39,7 @@ MNIST_TEST_SIZE = 10_000
 MATCH = "must match"  # the checkpoint would mean something else: refused
 FREE = "may change"  # applied from the resume on, and printed as a change
 CONSTANT_SCHEDULE = "may change with a constant schedule"  # OneCycle fixes lr and length at the start
-GLOBAL_BATCH = "may change if the global batch is kept"  # resume on another number of processes (resume_layout)
+GLOBAL_BATCH = "may change if the global batch is kept"  # another number of processes: distrnn.run.layout.resume_layout
 
 
 def key(default: Any = dataclasses.MISSING, *, help: str, resume: str, factory: Any = dataclasses.MISSING,
@@ -377,7 +377,7 @@ class Change:
     policy: str
 
     def allowed(self, cfg: Config) -> bool:
-        """GLOBAL_BATCH changes are checked against the checkpoint's global batch (checkpoint.resume_layout)."""
+        """GLOBAL_BATCH changes are checked against the checkpoint's global batch (distrnn.run.layout.resume_layout)."""
         if self.policy in (FREE, GLOBAL_BATCH):
             return True
         return self.policy == CONSTANT_SCHEDULE and cfg.optim.schedule == "constant"

@@ -55,7 +55,7 @@ class MemoryLoader:
     processes and the split of G into per-process batch and accumulation. Step s is positions
     [s*G, (s+1)*G) of the epoch's permutation, extended by wrapping around to whole global batches (fewer
     than G repeats an epoch); micro-batch i of rank r is the chunk i*processes + r of it. That is what
-    makes a resume on another number of processes exact (checkpoint.resume_layout).
+    makes a resume on another number of processes exact (distrnn.run.layout.resume_layout).
     """
 
     def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world_size: int, accumulate: int = 1):

@@ -8,7 +8,7 @@ the workers (FailureConfig max_failures) and they resume from the run folder's n
 Ray's latest registered one, or a newer one published but not yet registered by Ray when the failure came.
 W&B and the exact counts come from the main worker only, as everywhere. A range of
 workers (`--num-workers 2-4`) is Ray Train's elastic mode (Ray 2.60: ScalingConfig(num_workers=(min, max))):
-distrnn resumes on the new number of workers with the global batch kept (run/layout.py).
+distrnn resumes on the new number of workers with the global batch kept (distrnn.run.layout.resume_layout).
 
 Imported only by `distrnn train --launcher ray`: a plain install imports nothing of Ray (pip install
 'distrnn[ray]').

@@ -1,2 +1,2 @@
-"""The run folder: its names (folder), its hold, integrity records, checkpoints, the resume layout (elastic),
+"""The run folder: its names (folder), its hold, integrity records, checkpoints, the resume layout (layout),
 model files."""
