@@ -1,5 +1,7 @@
-"""All rank logic in one place: the Accelerator, exact reductions, agreement, heartbeats, what a failed
-collective means, teardown."""
+"""The ranks' shared building blocks: the Accelerator, sharding, exact reductions, agreement, heartbeats, what
+a failed collective means, teardown, and a worker's entry point (run_worker). Not all rank logic: modules
+above run collectives of their own with these or with accelerate's (worker/progress.py's metrics,
+worker/rank_timing.py's time split, evaluation/counting.py's exact counts, run/checkpoint.py's resume)."""
 
 from __future__ import annotations
 
