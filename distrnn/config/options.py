@@ -31,7 +31,7 @@ TRACKERS = ("wandb", "tensorboard")
 
 
 def key_help(flag: str) -> str:
-    """A typed flag's help: its config key's own help text (declared once, in config.py)."""
+    """A typed flag's help: its config key's own help text (declared once, in config/schema.py)."""
     name = TYPED_FLAGS[flag]
     return f"{key_fields()[name].metadata['help']} Sets {name}."
 

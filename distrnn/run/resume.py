@@ -95,7 +95,7 @@ def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
                  num_processes: int) -> list[Change]:
     """The config changes a resume applies; the others are refused with one line naming every key.
 
-    The same table (each key's resume policy in config.py) guards a finished run in the folder.
+    The same table (each key's resume policy in config/schema.py) guards a finished run in the folder.
     """
     finished = folder.is_finished() and cfg.checkpoint.resume == "auto"
     if meta is None:  # nothing to resume: only a finished run's config.yaml can object
