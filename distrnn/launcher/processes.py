@@ -21,7 +21,7 @@ from distrnn.errors import DistrnnError, first_line, run_cli
 from distrnn.launcher import engines
 from distrnn.launcher.agent import free_port, run_agent
 from distrnn.launcher.network import gloo_interface, wait_for_main
-from distrnn.ranks.devices import runs_on_cpu, visible_gpus
+from distrnn.ranks.devices import USE_CPU_VARIABLE, runs_on_cpu, visible_gpus
 from distrnn.run.hold import RUN_ID_VARIABLE
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -133,7 +133,7 @@ def launch(p: Plan, module: str, worker_args: list[str], rendezvous_timeout: int
     """Run the workers and return their exit code (restarting failed workers up to `max_restarts` times)."""
     if p.uses_cpu:
         # Without it an Accelerator on a machine with GPUs would take one; the workers inherit it.
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+        os.environ[USE_CPU_VARIABLE] = "true"
     if p.in_process:
         return run_here(module, worker_args)
     env = worker_env(p)

@@ -40,10 +40,15 @@ def runs_on_cpu(mode: str, gpus: int | None = None) -> bool:
     return gpus == 0
 
 
+# Accelerate's own switch: an Accelerator made where it is set takes the CPU even with GPUs visible
+# (accelerate's `cpu` flag reads it). The launchers set it for their workers under --mode cpu.
+USE_CPU_VARIABLE = "ACCELERATE_USE_CPU"
+
+
 def will_run_on_cpu() -> bool:
     """What an Accelerator made in this process will choose: the CPU when asked (ACCELERATE_USE_CPU,
     which `--mode cpu` sets) or when no GPU is visible."""
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or visible_gpus() == 0
+    return os.environ.get(USE_CPU_VARIABLE, "").lower() in ("1", "true", "yes") or visible_gpus() == 0
 
 
 def gpu_bf16_supported() -> bool:

@@ -31,10 +31,17 @@ from pathlib import Path
 from distrnn.errors import DistrnnError
 from distrnn.run.integrity import DAMAGED_PREFIX, fsync_folder
 
-# summary.json "ranks": each rank's training time per optimizer step in these phases ("<phase>_ms_per_step").
+# summary.json "ranks": each rank's training time per optimizer step in these phases (time_phase_key).
 # Written by the worker (worker/rank_timing.py), drawn by `distrnn report` (tools/time_split.py): defined here,
 # with the file both read, because the tools do not import the worker (torch, accelerate).
 TIME_PHASES = ("data", "compute", "allreduce", "optimizer")
+
+
+def time_phase_key(phase: str) -> str:
+    """summary.json "ranks": the key of one phase's milliseconds per optimizer step."""
+    return f"{phase}_ms_per_step"
+
+
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from distrnn.run.folder import TIME_PHASES
+from distrnn.run.folder import TIME_PHASES, time_phase_key
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -18,7 +18,7 @@ def time_split(run: Any) -> dict[str, float] | None:
         return None
     split = {}
     for phase in TIME_PHASES:
-        values = [r.get(f"{phase}_ms_per_step") for r in ranks if isinstance(r, dict)]
+        values = [r.get(time_phase_key(phase)) for r in ranks if isinstance(r, dict)]
         split[phase] = sum(v for v in values if isinstance(v, (int, float))) / len(ranks)
     return split
 

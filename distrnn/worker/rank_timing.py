@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from distrnn.errors import host_name
-from distrnn.run.folder import TIME_PHASES
+from distrnn.run.folder import TIME_PHASES, time_phase_key
 
 SLOW_MARGIN = 1.5  # compute this many times the others' median ...
 SLOW_INTERVALS = 3  # ... for this many logging intervals in a row: one rank holds the others back
@@ -148,11 +148,11 @@ class RankTiming:
         self._collect()
         steps, seconds = max(self.total_steps, 1), sum(v for k, v in self.total.items() if k != "data")
         mine = {"host": self.host, "steps": self.total_steps,
-                **{f"{phase}_ms_per_step": 1000 * s / steps for phase, s in self.total.items()},
+                **{time_phase_key(phase): 1000 * s / steps for phase, s in self.total.items()},
                 "samples_per_s": self.total_steps * samples_per_step / max(seconds + self.total["data"], 1e-9),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None}
         if self.cuda:
-            mine["allreduce_ms_per_step"] = None
+            mine[time_phase_key("allreduce")] = None
         everyone = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
         return [{"rank": rank, **figures} for rank, figures in enumerate(everyone)]
