@@ -1,7 +1,8 @@
 """Ray Train for real: a Ray head node and a worker node with network stacks of their own (tests/netns.py),
 `distrnn train --launcher ray` with 2 workers spread over both, a node lost after the first checkpoint and
-rejoined, and --max-failures 0 failing fast. Every Ray process is started with a temp dir of this test's own
-and killed by the network namespace it runs in (`ray stop` would stop every Ray process on the host)."""
+rejoined, and --max-failures 0 failing fast. One cluster for the module; every Ray process is started with a
+temp dir of the module's own and killed by the network namespace it runs in (`ray stop` would stop every Ray
+process on the host)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from tests import netns
 from tests.conftest import require
@@ -56,9 +59,31 @@ def kill_node(machine: netns.Machine) -> None:
         time.sleep(0.5)
 
 
-@contextmanager
-def ray_cluster() -> Iterator[tuple[netns.Machine, netns.Machine, Path]]:
-    """(head, worker, Ray's temp folders): short, because Ray's unix sockets live there (107 bytes at most)."""
+@dataclass
+class RayCluster:
+    """The module's Ray cluster: a head node and a worker node, each a machine of its own."""
+
+    head: netns.Machine
+    worker: netns.Machine
+    temp: Path  # Ray's temp folders: short, because Ray's unix sockets live there (107 bytes at most)
+    worker_starts: int = 0
+    worker_up: bool = False
+
+    def start_worker(self) -> None:
+        """Ray on the worker machine, joining the head (a temp folder of its own for each start)."""
+        self.worker_starts += 1
+        ray_start(self.worker, self.temp, f"worker{self.worker_starts}", "--address", f"{self.head.address}:{PORT}")
+        self.worker_up = True
+
+    def lose_worker(self) -> None:
+        kill_node(self.worker)
+        self.worker_up = False
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    """One cluster for the module (starting one took about as long as a test's training): each test that
+    loses the worker node leaves it lost, and the next test starts it again (`ray`)."""
     require(netns.available() is None, f"no network namespaces here: {netns.available()}")
     require(subprocess.run([str(BIN / "python"), "-c", "import ray.train.torch"], capture_output=True).returncode == 0,
             "Ray Train is not installed: pip install 'distrnn[ray]'")
@@ -66,15 +91,23 @@ def ray_cluster() -> Iterator[tuple[netns.Machine, netns.Machine, Path]]:
     (temp / "token").write_text(secrets.token_hex(32))
     (temp / "token").chmod(0o600)
     with netns.machines(2) as (head, worker):
+        made = RayCluster(head, worker, temp)
         try:
             ray_start(head, temp, "head", "--head", "--port", str(PORT), "--include-dashboard=false")
-            ray_start(worker, temp, "worker", "--address", f"{head.address}:{PORT}")
-            yield head, worker, temp
+            yield made
         finally:
             kill_node(worker)
             kill_node(head)
             shutil.rmtree(temp, ignore_errors=True)
     assert netns.leftovers() == []
+
+
+@pytest.fixture
+def ray(cluster: RayCluster) -> RayCluster:
+    """The module's cluster with its worker node up."""
+    if not cluster.worker_up:
+        cluster.start_worker()
+    return cluster
 
 
 def train_on_ray(head: netns.Machine, temp: Path, out, data_dir, *extra: str, num_workers="2") -> subprocess.Popen:
@@ -91,18 +124,21 @@ def registered_by_ray(out: Path) -> bool:
     return snapshot.is_file() and '"checkpoints/step-' in snapshot.read_text()
 
 
-def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_resumes(tmp_path, data_dir):
+def wait_for_ray_checkpoint(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not registered_by_ray(out):
+        assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
+        time.sleep(0.2)
+
+
+def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_resumes(tmp_path, data_dir, ray):
     out = tmp_path / "run"
-    with ray_cluster() as (head, worker, temp):
-        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", "--wandb")  # offline
-        deadline = time.monotonic() + 300
-        while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
-            time.sleep(0.2)
-        kill_node(worker)  # the worker node's Ray, and the distrnn worker on it
-        time.sleep(5)
-        ray_start(worker, temp, "again", "--address", f"{head.address}:{PORT}")
-        code, stdout, stderr = finish(proc, timeout=600)
+    proc = train_on_ray(ray.head, ray.temp, out, data_dir, "--max-failures", "1", "--wandb")  # offline
+    wait_for_ray_checkpoint(proc, out)
+    ray.lose_worker()  # the worker node's Ray, and the distrnn worker on it
+    time.sleep(5)
+    ray.start_worker()
+    code, stdout, stderr = finish(proc, timeout=600)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     # the restarted workers resumed from the run folder holding Ray's latest checkpoint (in place, not a copy):
     # its newest checkpoint that verifies (launcher/ray.py restart_args)
@@ -121,17 +157,14 @@ def test_two_workers_on_two_nodes_train_a_node_is_lost_and_rejoins_and_the_run_r
     assert (values["test_seen"], values["test_correct"]) == (10_000, summary["test_correct"])
 
 
-def test_an_elastic_range_goes_on_with_one_worker_when_a_node_is_lost_and_keeps_the_global_batch(tmp_path, data_dir):
+def test_an_elastic_range_goes_on_with_one_worker_when_a_node_is_lost_and_keeps_the_global_batch(tmp_path, data_dir,
+                                                                                                 ray):
     """Ray 2.60's elastic mode: ScalingConfig(num_workers=(1, 2)); the lost node does not come back."""
     out = tmp_path / "run"
-    with ray_cluster() as (head, worker, temp):
-        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "1", num_workers="1-2")
-        deadline = time.monotonic() + 300
-        while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
-            time.sleep(0.2)
-        kill_node(worker)
-        code, stdout, stderr = finish(proc, timeout=600)
+    proc = train_on_ray(ray.head, ray.temp, out, data_dir, "--max-failures", "1", num_workers="1-2")
+    wait_for_ray_checkpoint(proc, out)
+    ray.lose_worker()
+    code, stdout, stderr = finish(proc, timeout=600)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     own = without_ray_prefixes(stdout)
     assert re.search(r"^distrnn: 2 process\(es\).*global batch 128 \(64 per process x 2 x 1", own, re.M), own[-3000:]
@@ -141,23 +174,19 @@ def test_an_elastic_range_goes_on_with_one_worker_when_a_node_is_lost_and_keeps_
     assert summary["num_processes"] == 1 and summary["steps"] == 32
 
 
-def test_without_restarts_a_lost_node_fails_the_run_fast_in_one_line(tmp_path, data_dir):
+def test_without_restarts_a_lost_node_fails_the_run_fast_in_one_line(tmp_path, data_dir, ray):
     out = tmp_path / "run"
-    with ray_cluster() as (head, worker, temp):
-        proc = train_on_ray(head, temp, out, data_dir, "--max-failures", "0")
-        deadline = time.monotonic() + 300
-        while not registered_by_ray(out):
-            assert time.monotonic() < deadline and proc.poll() is None, finish(proc, 5)
-            time.sleep(0.2)
-        kill_node(worker)
-        lost = time.monotonic()
-        result = subprocess.CompletedProcess(proc.args, *finish(proc, timeout=180))
+    proc = train_on_ray(ray.head, ray.temp, out, data_dir, "--max-failures", "0")
+    wait_for_ray_checkpoint(proc, out)
+    ray.lose_worker()
+    lost = time.monotonic()
+    result = subprocess.CompletedProcess(proc.args, *finish(proc, timeout=180))
     assert time.monotonic() - lost < 120
     assert result.returncode == 137, result.stderr[-3000:]  # as a torchrun worker killed by SIGKILL
     own = drivers_own_lines(result.stderr)
     assert len(own) == 1 and "Traceback" not in "".join(own), own
     # Ray places ranks on nodes as it likes: the rank named is the one that ran on the node killed
-    lost_rank = 0 if main_worker_ip(result.stdout, head.address) == worker.address else 1
+    lost_rank = 0 if main_worker_ip(result.stdout, ray.head.address) == ray.worker.address else 1
     assert own[0].startswith("distrnn: error: the Ray run failed after 0 restart(s) (--max-failures): worker rank "
                              f"{lost_rank} was lost"), own
 
