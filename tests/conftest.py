@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distrnn.data import mnist
-from tests.helpers import BIN, IN_CI, REPO, distrnn, mnist_dir
+from tests.helpers import BIN, IN_CI, REPO, WANDB_OFFLINE, distrnn, mnist_dir
 
 SLURM_CONF = Path(os.environ.get("DISTRNN_SLURM_STATE", "/tmp/distrnn-slurm")) / "slurm.conf"
 
@@ -33,7 +33,8 @@ def slurm_environment(data_dir: Path, **extra: str) -> dict[str, str]:
     from the cluster's network namespaces; they run the real commands there); the jobs inherit that PATH."""
     path = os.pathsep.join([str(SLURM_CONF.parent / "bin"), os.environ.get("PATH", os.defpath)])
     env = {**os.environ, "PATH": path, "SLURM_CONF": str(SLURM_CONF), "DISTRNN_DATA_DIR": str(data_dir),
-           "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent), "WANDB_MODE": "offline", **extra}
+           "DISTRNN_MODE": "cpu", "DISTRNN_VENV": str(BIN.parent),
+           "WANDB_MODE": "disabled", **extra}  # W&B off unless a job asks (tests/helpers.py WANDB_OFFLINE says why)
     env.pop("DISTRNN_DEBUG", None)
     ok = shutil.which("sbatch", path=path) and SLURM_CONF.is_file() and subprocess.run(
         ["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
@@ -56,7 +57,7 @@ def smoke_run(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedPro
     """`distrnn train` with 2 CPU processes (gloo) on the smoke config, W&B offline."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     result = distrnn("train", "--mode", "cpu", "--num-processes", "2", "--config", "smoke",
-                     "--data-dir", str(data_dir), "--output-dir", str(out), timeout=600)
+                     "--data-dir", str(data_dir), "--output-dir", str(out), timeout=600, env=WANDB_OFFLINE)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 

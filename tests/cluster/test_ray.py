@@ -23,7 +23,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, finish, process_env
+from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env
 
 PORT = 6379
 TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000", "--no-wandb",
@@ -31,9 +31,10 @@ TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000
 
 
 def ray_env(temp: Path) -> dict[str, str]:
-    """Ray 2.60 turns token auth on for every new cluster; each test's cluster has a token of its own."""
-    env = process_env({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
-                       "RAY_AUTH_TOKEN_PATH": str(temp / "token")})
+    """Ray 2.60 turns token auth on for every new cluster; the module's cluster has a token of its own. W&B
+    offline: the rejoin test checks its run (the others train --no-wandb)."""
+    env = process_env({**WANDB_OFFLINE, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+                       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "token")})
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
     return env

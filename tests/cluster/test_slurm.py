@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import slurm_environment
-from tests.helpers import REPO, counts, distrnn
+from tests.helpers import REPO, WANDB_OFFLINE, counts, distrnn
 
 SMOKE = ["--config", "smoke"]
 
@@ -48,7 +48,7 @@ def job_state(env: dict[str, str], job_id: str) -> str:
 @pytest.fixture(scope="module")
 def single_node_job(slurm_env, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("slurm") / "run"
-    code, job_id = sbatch({**slurm_env, "DISTRNN_OUTPUT_DIR": str(out)}, "--job-name=distrnn-test",
+    code, job_id = sbatch({**slurm_env, **WANDB_OFFLINE, "DISTRNN_OUTPUT_DIR": str(out)}, "--job-name=distrnn-test",
                           "slurm/train.sh", *SMOKE)
     log = job_log("distrnn-test", job_id)
     assert code == 0, log[-3000:]

@@ -17,6 +17,7 @@ import torch
 from distrnn.ranks.preemption import REQUEUE_EXIT_CODE
 from tests.helpers import (
     BIN,
+    WANDB_OFFLINE,
     counts,
     distrnn,
     flip_byte,
@@ -86,14 +87,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, 
     """Both data paths: Accelerate's sharded DataLoader (skip_first_batches) and the in-memory loader."""
     reference, reference_stdout = uninterrupted(processes, loader)
     out = tmp_path / "run"
-    code, _, stderr = interrupt(out, processes, data_dir, sig, 4, "--wandb", "--set", f"data.loader={loader}")
+    code, _, stderr = interrupt(out, processes, data_dir, sig, 4, "--wandb", "--set", f"data.loader={loader}",
+                                env=WANDB_OFFLINE)
     assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
     assert f"stopped by {sig.name}" in stderr
     meta = latest_meta(out)
     assert meta["position"]["epoch"] == 0 and 0 < meta["position"]["step_in_epoch"] < STEPS[processes]
     assert not (out / "model.pt").exists()
 
-    resumed = distrnn(*train_args(out, processes, data_dir, "--wandb", "--set", f"data.loader={loader}"))
+    resumed = distrnn(*train_args(out, processes, data_dir, "--wandb", "--set", f"data.loader={loader}"),
+                      env=WANDB_OFFLINE)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoints/step-" in resumed.stdout
     assert_bit_identical(out, reference)

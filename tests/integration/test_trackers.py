@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.helpers import BIN, distrnn
+from tests.helpers import BIN, WANDB_OFFLINE, distrnn
 
 try:  # TensorBoard's own reader: what `tensorboard --logdir` shows is what these tests read
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -33,7 +33,7 @@ def tensorboard_installed() -> None:
 
 def train(out: Path, data_dir: Path, log_with: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     result = distrnn("train", "--mode", "cpu", *SHORT, "--log-with", log_with, "--data-dir", str(data_dir),
-                     "--output-dir", str(out), env=env)
+                     "--output-dir", str(out), env={**WANDB_OFFLINE, **(env or {})})  # W&B as a user has it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "metrics.jsonl").is_file()
     return result
