@@ -91,8 +91,8 @@ def find_resume(folder: RunFolder, resume: str) -> tuple[CheckpointFolder | None
     return found, warnings
 
 
-def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None, meta: dict[str, Any] | None,
-                 num_processes: int) -> list[Change]:
+def check_resume(folder: RunFolder, cfg: Config, found: CheckpointFolder | None,
+                 meta: dict[str, Any] | None) -> list[Change]:
     """The config changes a resume applies; the others are refused with one line naming every key.
 
     The same table (each key's resume policy in config/schema.py) guards a finished run in the folder.
@@ -136,7 +136,7 @@ def decide_resume(accelerator: Accelerator, cfg: Config, folder: RunFolder, hold
         held = hold.take()
         found, warnings = find_resume(folder, cfg.checkpoint.resume)
         meta = read_meta(found) if found else None
-        changes = check_resume(folder, cfg, found, meta, accelerator.num_processes)
+        changes = check_resume(folder, cfg, found, meta)
         layout, moved = (resume_layout(meta, cfg, accelerator.num_processes, found.path) if meta
                          else (Layout.configured(cfg, accelerator.num_processes), None))
         chosen = config_with(cfg, layout)

@@ -73,15 +73,15 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(folder):
     make(folder, 10)
     found, _ = resume.find_resume(folder, "auto")
     meta = resume.read_meta(found)
-    changes = resume.check_resume(folder, build_config(overrides=["optim.lr=0.005"]), found, meta, 1)
+    changes = resume.check_resume(folder, build_config(overrides=["optim.lr=0.005"]), found, meta)
     assert [(c.key, c.old, c.new) for c in changes] == [("optim.lr", 0.001, 0.005)]
     with pytest.raises(DistrnnError) as e:
         resume.check_resume(folder, build_config(overrides=["model.hidden_size=128", "train.seed=3"]),
-                                found, meta, 1)
+                                found, meta)
     assert str(e.value) == (f"checkpoint {found.path} has model.hidden_size=256, train.seed=0 but this run asks for "
                             "model.hidden_size=128, train.seed=3; use the same config, another --output-dir, or "
                             "--resume never")
-    assert resume.check_resume(folder, Config(), found, meta, 2) == []  # another number of processes: run/layout.py
+    assert resume.check_resume(folder, Config(), found, meta) == []  # another number of processes: run/layout.py
 
 
 def test_onecycle_refusal_says_why(folder):
@@ -91,7 +91,7 @@ def test_onecycle_refusal_says_why(folder):
     with pytest.raises(DistrnnError, match="train.epochs=3 but this run asks for train.epochs=5; the onecycle "
                                            "schedule is fixed at the start"):
         resume.check_resume(folder, build_config(overrides=["optim.schedule=onecycle", "train.epochs=5"]), found,
-                                resume.read_meta(found), 1)
+                                resume.read_meta(found))
 
 
 def test_finished_run_is_guarded_by_the_same_table(folder):
@@ -99,7 +99,7 @@ def test_finished_run_is_guarded_by_the_same_table(folder):
     folder.summary.write_text("{}")
     found, _ = resume.find_resume(folder, "auto")
     with pytest.raises(DistrnnError) as e:
-        resume.check_resume(folder, build_config(overrides=["train.seed=1"]), found, resume.read_meta(found), 1)
+        resume.check_resume(folder, build_config(overrides=["train.seed=1"]), found, resume.read_meta(found))
     assert str(e.value) == (f"{folder.root} holds a finished run with another config (train.seed: 0 -> 1); pass "
                             "another --output-dir, or --resume never to start over there")
 
@@ -108,9 +108,9 @@ def test_finished_run_without_checkpoints_is_guarded_by_its_config_yaml(folder):
     folder.root.mkdir(parents=True)
     folder.config.write_text(Config().to_yaml())
     folder.summary.write_text("{}")
-    assert resume.check_resume(folder, build_config(overrides=["train.log_every=5"]), None, None, 1) == []
+    assert resume.check_resume(folder, build_config(overrides=["train.log_every=5"]), None, None) == []
     with pytest.raises(DistrnnError, match=r"holds a finished run with another config \(model.cell: rnn -> gru\)"):
-        resume.check_resume(folder, build_config(overrides=["model.cell=gru"]), None, None, 1)
+        resume.check_resume(folder, build_config(overrides=["model.cell=gru"]), None, None)
 
 
 def test_tensors_sharing_one_buffer_are_untied_before_saving():
@@ -148,5 +148,5 @@ def test_fewer_epochs_than_the_checkpoint_has_begun_is_refused(folder):
     meta["position"]["epoch"] = 2  # two finished, the third begun
     with pytest.raises(DistrnnError, match=r"is 3 epoch\(s\) in; train.epochs=2 cannot undo that: ask for 3 or "
                                            r"more, or --resume never"):
-        resume.check_resume(folder, build_config(overrides=["train.epochs=2"]), found, meta, 1)
-    assert resume.check_resume(folder, build_config(overrides=["train.epochs=5"]), found, meta, 1)
+        resume.check_resume(folder, build_config(overrides=["train.epochs=2"]), found, meta)
+    assert resume.check_resume(folder, build_config(overrides=["train.epochs=5"]), found, meta)
