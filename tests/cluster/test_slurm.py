@@ -39,9 +39,11 @@ def sbatch(env: dict[str, str], *args: str, wait: bool = True, timeout: float = 
     return job_exit_code(env, job_id), job_id
 
 
-def job_field(env: dict[str, str], job_id: str, name: str) -> str:
+def job_field(env: dict[str, str], job_id: str, name: str) -> str | None:
+    """One field of `scontrol show job` (None while the job is unknown to the controller)."""
     out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
-    return re.search(rf"\b{name}=(\S+)", out).group(1)
+    match = re.search(rf"\b{name}=(\S+)", out)
+    return match.group(1) if match else None
 
 
 def job_exit_code(env: dict[str, str], job_id: str) -> int:
@@ -55,9 +57,7 @@ def job_log(name: str, job_id: str) -> str:
 
 
 def job_state(env: dict[str, str], job_id: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
-    match = re.search(r"JobState=(\S+)", out)
-    return match.group(1) if match else "UNKNOWN"
+    return job_field(env, job_id, "JobState") or "UNKNOWN"
 
 
 @pytest.fixture(scope="module")
