@@ -116,6 +116,16 @@ def test_tensorboard_alone_makes_no_wandb_run(tmp_path, data_dir):
     assert_the_config_is_in_the_event_file(out, assert_tensorboard_holds_the_run(out))
 
 
+def test_wandb_mode_disabled_starts_no_wandb_at_all(tmp_path, data_dir):
+    """WANDB_MODE=disabled is --no-wandb: wandb is not even imported (a stand-in that raises on import shows it)."""
+    env = {**shadow(tmp_path, 'raise RuntimeError("wandb was imported")\n', "wandb"), "WANDB_MODE": "disabled"}
+    out = tmp_path / "run"
+    result = train(out, data_dir, "wandb,tensorboard", env=env)
+    assert "W&B" not in result.stdout and "wandb was imported" not in result.stdout + result.stderr
+    assert not (out / "wandb").exists()
+    assert_tensorboard_holds_the_run(out)
+
+
 def test_no_trackers_still_writes_metrics_jsonl(tmp_path, data_dir):
     out = tmp_path / "run"
     train(out, data_dir, "none")
