@@ -7,11 +7,9 @@ process on the host)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -55,19 +53,6 @@ def ray_start(machine: netns.Machine, temp: Path, name: str, *args: str, env: di
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-def kill_node(machine: netns.Machine) -> None:
-    """Every process in the machine's network namespace, at once (what losing the node does)."""
-    for _ in range(3):
-        pids = subprocess.run(["ip", "netns", "pids", machine.namespace], capture_output=True, text=True,
-                              timeout=30).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 @dataclass
 class RayCluster:
     """The module's Ray cluster: a head node and a worker node, each a machine of its own."""
@@ -85,7 +70,7 @@ class RayCluster:
         self.worker_up = True
 
     def lose_worker(self) -> None:
-        kill_node(self.worker)
+        self.worker.lose()
         self.worker_up = False
 
 
@@ -102,11 +87,12 @@ def cluster() -> Iterator[RayCluster]:
     with netns.machines(2) as (head, worker):
         made = RayCluster(head, worker, temp)
         try:
-            ray_start(head, temp, "head", "--head", "--port", str(PORT), "--include-dashboard=false", env=FAST_NODE_DEATH)
+            ray_start(head, temp, "head", "--head", "--port", str(PORT), "--include-dashboard=false",
+                      env=FAST_NODE_DEATH)
             yield made
         finally:
-            kill_node(worker)
-            kill_node(head)
+            worker.lose()
+            head.lose()
             shutil.rmtree(temp, ignore_errors=True)
     assert netns.leftovers() == []
 
@@ -124,8 +110,8 @@ def train_on_ray(head: netns.Machine, temp: Path, out, data_dir, *extra: str, nu
     return head.popen([str(BIN / "distrnn"), "train", "--launcher", "ray", "--ray-address", f"{head.address}:{PORT}",
                        "--num-workers", num_workers, "--data-dir", str(data_dir), "--output-dir", str(out),
                        *TRAIN, *extra],
-                      cwd=REPO, env={**ray_env(temp), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                      start_new_session=True)
+                      cwd=REPO, env={**ray_env(temp), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True, start_new_session=True)
 
 
 def registered_by_ray(out: Path) -> bool:
