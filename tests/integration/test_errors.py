@@ -139,7 +139,7 @@ def test_bf16_on_a_gpu_without_bf16_is_refused():
 def test_wandb_without_network_falls_back_to_offline(tmp_path, data_dir):
     out = tmp_path / "run"
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_INIT_TIMEOUT": "15"}
+           "WANDB_INIT_TIMEOUT": "5"}
     result = distrnn("train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=640",
                      "--set", "data.test_samples=500", "--wandb", "--data-dir", str(data_dir), "--output-dir", str(out),
                      env=env)
