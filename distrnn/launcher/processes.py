@@ -22,6 +22,7 @@ from distrnn.launcher import engines
 from distrnn.launcher.agent import free_port, run_agent
 from distrnn.launcher.network import gloo_interface, wait_for_main
 from distrnn.ranks.devices import USE_CPU_VARIABLE, runs_on_cpu, visible_gpus
+from distrnn.ranks.launcher_watch import LAUNCHER_PID_VARIABLE
 from distrnn.run.hold import RUN_ID_VARIABLE
 
 MODES = ("auto", "cpu", "gpu", "ddp")
@@ -165,7 +166,8 @@ def worker_env(p: Plan) -> dict[str, str]:
     """What the workers need besides torchrun's own variables (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
     # Restarts share the hold. The full host name, not errors.host_name: this names one launcher uniquely and
     # is never shown (two machines may share a short name in different domains).
-    env = {RUN_ID_VARIABLE: f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}"}
+    env = {RUN_ID_VARIABLE: f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}",
+           LAUNCHER_PID_VARIABLE: str(os.getpid())}  # torchrun's agent runs in this process: the workers' parent
     if not os.environ.get("OMP_NUM_THREADS"):
         import psutil
 

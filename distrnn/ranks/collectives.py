@@ -226,8 +226,7 @@ class Heartbeats:
     of its own: it keeps counting while the main thread waits in a collective, and stops when the process
     is frozen (SIGSTOP, a debugger, a machine that stopped scheduling it) or gone. When a collective times
     out, the ranks whose count did not move are the ones that stopped responding. Counts, not clock times:
-    machines' clocks differ. The same thread ends the worker when its launcher is gone (killed: a worker left
-    behind would train on with the others and keep the run from ending).
+    machines' clocks differ.
     """
 
     SECONDS = 1.0
@@ -257,15 +256,10 @@ class Heartbeats:
                              timeout=timedelta(seconds=30))
 
     def _beat(self) -> None:
-        launcher = os.getppid()
         while not self._stop.wait(self.SECONDS):
-            if os.getppid() != launcher:  # torchrun starts workers in sessions of their own: they outlive it
-                print(f"distrnn.train: error on rank {self.rank}: its launcher (pid {launcher}) is gone; stopping",
-                      file=sys.stderr, flush=True)
-                os._exit(PeerLost.exit_code)
             try:
                 self.beat_store.add(f"{self.prefix}/beats/{self.rank}", 1)
-            except Exception:  # the store is gone with the main machine's launcher: keep watching the launcher
+            except Exception:  # the store is gone with the main machine's launcher (launcher_watch ends this one)
                 pass
 
     def silent(self) -> dict[int, dict]:

@@ -1,6 +1,6 @@
-"""One training process's run: make the Accelerator and the heartbeats, run the Trainer's fit, turn a lost
-peer into one line, and release what it took. Called by the entry module (`python -m distrnn.train`) and by Ray's
-workers (distrnn/launcher/ray.py)."""
+"""One training process's run: watch its launcher, make the Accelerator and the heartbeats, run the Trainer's
+fit, turn a lost peer into one line, and release what it took. Called by the entry module (`python -m
+distrnn.train`) and by Ray's workers (distrnn/launcher/ray.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from distrnn.config.schema import Config
 from distrnn.ranks.collectives import Heartbeats, make_accelerator, peer_failure, teardown
+from distrnn.ranks.launcher_watch import LauncherWatch
 from distrnn.ranks.preemption import StopRequest
 from distrnn.run.folder import RunFolder
 from distrnn.run.hold import FolderHold
@@ -23,6 +24,7 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
     hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken (decide_resume) before anything is written there
+    watch = LauncherWatch.start()  # before the process group: joining it can wait for a launcher already gone
     accelerator = trainer = heartbeats = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
@@ -42,4 +44,8 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
         if trainer is not None:
             trainer.close()
         hold.release()  # also when the Trainer failed to start after taking it
-        teardown(accelerator)
+        try:
+            teardown(accelerator)
+        finally:
+            if watch is not None:  # last: a launcher can be lost during the teardown too
+                watch.close()

@@ -152,6 +152,13 @@ def test_a_finished_run_trains_on_for_more_epochs_as_if_it_had_asked_for_them(tm
 
 # --- NCCL's ways of failing, on gloo -------------------------------------------------------------
 
+def alive(process: psutil.Process) -> bool:
+    """Running, not a zombie: an orphaned worker's exit is reaped by whoever adopted it, if anyone does."""
+    with contextlib.suppress(psutil.Error):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
 def workers_of(proc) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "distrnn.train" in " ".join(p.cmdline())]
 
@@ -183,6 +190,30 @@ def test_a_frozen_rank_is_named_as_unresponsive_within_the_collective_timeout(tm
         f"distrnn.train: error: rank 1 (node {HOST}, pid {frozen.pid}) stopped responding: no collective finished "
         "within train.collective_timeout_s=10 s and its heartbeat stopped; it was stopped, and so was the run: run "
         "the same command again to resume from the last checkpoint"]
+
+
+def test_workers_whose_launcher_is_killed_during_set_up_end_themselves(tmp_path, data_dir):
+    """Killed as soon as its workers exist, the launcher takes torchrun's rendezvous store with it: the workers,
+    in sessions of their own, then joined a process group that could not form, for the whole collective timeout
+    (60 s here; 45 s seen on two machines). Each watches its launcher from before the process group on."""
+    proc = start_distrnn("train", "--mode", "cpu", "--num-processes", "2", "--data-dir", str(data_dir),
+                         "--output-dir", str(tmp_path / "run"), *TINY)
+    deadline = time.monotonic() + 60
+    while len(workers := workers_of(proc)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no workers started"
+        time.sleep(0.05)
+    proc.kill()  # the launcher alone: no chance to stop its workers
+    try:
+        deadline = time.monotonic() + 15
+        while (left := [w for w in workers if alive(w)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+    _, stderr = proc.communicate(timeout=30)  # the workers held its pipes
+    assert not left, f"workers still running 15 s after their launcher was killed: {left}"
+    assert f"its launcher (pid {proc.pid}) is gone; stopping" in stderr, stderr[-3000:]
 
 
 @pytest.mark.parametrize("stage", ["checkpoint", "trackers", "prepare"])
