@@ -1,1 +1,1 @@
-"""Fault injection for the tests (DISTRNN_FAULT): kept in one clearly named place, off unless the variable is set."""
+"""Fault injection for the tests (DISTRNN_FAULTS): kept in one clearly named place, off unless the variable is set."""

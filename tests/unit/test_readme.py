@@ -86,3 +86,15 @@ def test_every_relative_link_points_at_a_file_and_heading_that_exist():
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(REPO / link.partition("#")[0]).resolve() for link in relative_links(REPO / "README.md")}
     assert not [p.name for p in PAGES[1:] if p.resolve() not in linked]
+
+
+def test_every_distrnn_variable_is_in_the_environment_table():
+    """docs/contributing.md's table lists every DISTRNN_* variable the code, scripts and tests name, and no other."""
+    folders = ("distrnn", "tests", "slurm", "sweeps", "benchmarks", "devtools", ".ci")
+    files = [p for folder in folders for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix != ".pyc"]
+    named = {v for p in [*files, REPO / "Makefile"]
+             for v in re.findall(r"DISTRNN_[A-Z_]+", p.read_text(errors="replace"))}
+    page = (REPO / "docs" / "contributing.md").read_text()
+    table = set(re.findall(r"^\| `(DISTRNN_[A-Z_]+)` \|", page, re.M))
+    assert named == table, f"not in the table: {sorted(named - table)}; in the table only: {sorted(table - named)}"
+
