@@ -145,7 +145,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm_env, sin
     preempt(slurm_env, job_id)
 
     # The job checkpoints, requeues itself, and runs again once SLURM's requeue delay (the credential
-    # lifetime, 10 s on the test cluster) has passed.
+    # lifetime, 5 s on the test cluster) has passed.
     deadline = time.monotonic() + 600
     while (state := job_state(slurm_env, job_id)) != "COMPLETED":
         assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), job_log("distrnn-pre", job_id)[-3000:]

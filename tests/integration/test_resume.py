@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -211,13 +212,29 @@ def test_checkpoint_rebuilds_its_model_and_refuses_another(tmp_path, data_dir):
 
 # --- checkpoints that can be trusted, a folder that one run owns --------------------------------------
 
-def damaged_resume(tmp_path, data_dir, uninterrupted, processes: int, damage) -> None:
-    """Stop at step >= 25 (checkpoints 10, 20 and the stop's), damage the newest, resume: one warning naming
-    it, the previous checkpoint resumes, and the run ends bit-identical to an uninterrupted one."""
+@pytest.fixture(scope="module")
+def stopped_at_25(tmp_path_factory, data_dir):
+    """A run stopped at step >= 25 (checkpoints 10, 20 and the stop's), per number of processes: each damage
+    test works on a copy of it."""
+    runs: dict[int, Path] = {}
+
+    def get(processes: int) -> Path:
+        if processes not in runs:
+            out = tmp_path_factory.mktemp(f"stopped{processes}") / "run"
+            code, _, stderr = interrupt(out, processes, data_dir, signal.SIGUSR1, 25)
+            assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+            runs[processes] = out
+        return runs[processes]
+
+    return get
+
+
+def damaged_resume(tmp_path, data_dir, uninterrupted, stopped_at_25, processes: int, damage) -> None:
+    """A copy of the stopped run, its newest checkpoint damaged, resumed: one warning naming it, the previous
+    checkpoint resumes, and the run ends bit-identical to an uninterrupted one."""
     reference, reference_stdout = uninterrupted(processes)
     out = tmp_path / "run"
-    code, _, stderr = interrupt(out, processes, data_dir, signal.SIGUSR1, 25)
-    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    shutil.copytree(stopped_at_25(processes), out)
     newest = newest_checkpoint(out)
     previous = sorted(p for p in (out / "checkpoints").glob("step-*") if p != newest)[-1]
     what = damage(newest)
@@ -232,7 +249,8 @@ def damaged_resume(tmp_path, data_dir, uninterrupted, processes: int, damage) ->
     assert counts(resumed.stdout) == counts(reference_stdout)
 
 
-def test_an_emptied_newest_weights_file_resumes_from_the_previous_checkpoint(tmp_path, data_dir, uninterrupted):
+def test_an_emptied_newest_weights_file_resumes_from_the_previous_checkpoint(tmp_path, data_dir, uninterrupted,
+                                                                           stopped_at_25):
     """What a node crash leaves when the rename reached the disk before the data did. Before: a traceback
     (safetensors' "header too small") although older good checkpoints were there."""
     def empty(newest: Path) -> str:
@@ -240,28 +258,30 @@ def test_an_emptied_newest_weights_file_resumes_from_the_previous_checkpoint(tmp
         (newest / "model.safetensors").write_bytes(b"")
         return f"model.safetensors is 0 bytes, {size} when it was written"
 
-    damaged_resume(tmp_path, data_dir, uninterrupted, 1, empty)
+    damaged_resume(tmp_path, data_dir, uninterrupted, stopped_at_25, 1, empty)
 
 
 def test_a_flipped_byte_in_the_newest_optimizer_state_resumes_from_the_previous_checkpoint(tmp_path, data_dir,
-                                                                                          uninterrupted):
+                                                                                          uninterrupted,
+                                                                                          stopped_at_25):
     """Before: the resume succeeded silently (exit 0) with a corrupted optimizer state."""
     def flip(newest: Path) -> str:
         flip_byte(newest / "optimizer.bin")
         return "optimizer.bin does not match its checksum (changed after it was written)"
 
-    damaged_resume(tmp_path, data_dir, uninterrupted, 1, flip)
+    damaged_resume(tmp_path, data_dir, uninterrupted, stopped_at_25, 1, flip)
 
 
 def test_a_damaged_file_of_rank_1_is_found_by_the_main_process_and_every_rank_resumes_the_same(tmp_path, data_dir,
-                                                                                             uninterrupted):
+                                                                                             uninterrupted,
+                                                                                             stopped_at_25):
     def truncate(newest: Path) -> str:
         path = newest / "random_states_1.pkl"
         size = path.stat().st_size
         path.write_bytes(path.read_bytes()[: size // 2])
         return f"random_states_1.pkl is {size // 2} bytes, {size} when it was written"
 
-    damaged_resume(tmp_path, data_dir, uninterrupted, 2, truncate)
+    damaged_resume(tmp_path, data_dir, uninterrupted, stopped_at_25, 2, truncate)
 
 
 def test_a_save_that_fails_leaves_every_earlier_checkpoint_in_place(tmp_path, data_dir):

@@ -150,10 +150,11 @@ SlurmdPort=16818
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# A requeued job may start again only once its old credential expired (default 120 s); starting it
-# earlier (scontrol update StartTime=now) failed here with "Job credential revoked".
+# A requeued job may start again only once its old credential expired (default 120 s; 5 s is the least
+# SLURM takes, src/common/slurm_cred.c); starting it earlier (scontrol update StartTime=now) failed here with
+# "Job credential revoked".
 # socket: this cluster's own munged, not the machine's.
-AuthInfo=cred_expire=10,socket=$MUNGE/munge.socket
+AuthInfo=cred_expire=5,socket=$MUNGE/munge.socket
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -168,7 +169,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
-# bf_interval/sched_interval: a requeued job may start once its credential expired (10 s, above), but it then
+# bf_interval/sched_interval: a requeued job may start once its credential expired (5 s, above), but it then
 # waited for the next backfill pass (default every 30 s): measured here, 33 s from requeue to start.
 SchedulerParameters=defer_batch,bf_interval=1,sched_interval=2
 MinJobAge=600
