@@ -28,11 +28,11 @@ TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000
          "--set", "checkpoint.every_steps=4", "--set", "train.log_every=2", "--set", "train.collective_timeout_s=30"]
 
 
-def ray_env(temp: Path) -> dict[str, str]:
+def ray_env(temp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Ray 2.60 turns token auth on for every new cluster; the module's cluster has a token of its own. W&B
     offline: the rejoin test checks its run (the others train --no-wandb)."""
     env = process_env({**WANDB_OFFLINE, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-                       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "token")})
+                       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "token"), **(extra or {})})
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
     return env
@@ -48,7 +48,7 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 def ray_start(machine: netns.Machine, temp: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
     result = subprocess.run(machine.command([str(BIN / "ray"), "start", "--node-ip-address", machine.address,
                                              "--num-cpus", "1", "--temp-dir", str(temp / name), "--disable-usage-stats",
-                                             *args]), env={**ray_env(temp), **(env or {})}, capture_output=True,
+                                             *args]), env=ray_env(temp, env), capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -110,8 +110,8 @@ def train_on_ray(head: netns.Machine, temp: Path, out, data_dir, *extra: str, nu
     return head.popen([str(BIN / "distrnn"), "train", "--launcher", "ray", "--ray-address", f"{head.address}:{PORT}",
                        "--num-workers", num_workers, "--data-dir", str(data_dir), "--output-dir", str(out),
                        *TRAIN, *extra],
-                      cwd=REPO, env={**ray_env(temp), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                      text=True, start_new_session=True)
+                      cwd=REPO, env=ray_env(temp, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                      start_new_session=True)
 
 
 def registered_by_ray(out: Path) -> bool:

@@ -159,6 +159,13 @@ def alive(process: psutil.Process) -> bool:
     return False
 
 
+def kill_all(workers: list[psutil.Process]) -> None:
+    """Whatever is left of `workers`: each started in a session of its own, none dies with its launcher's group."""
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
+
+
 def workers_of(proc) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "distrnn.train" in " ".join(p.cmdline())]
 
@@ -180,9 +187,7 @@ def test_a_frozen_rank_is_named_as_unresponsive_within_the_collective_timeout(tm
         elapsed = time.monotonic() - start
         left = psutil.wait_procs(workers, timeout=10)[1]
     finally:  # torchrun's workers have sessions of their own: finish's kill misses them
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                worker.kill()
+        kill_all(workers)
     assert not left, "workers left behind"
     assert 10 <= elapsed < 10 + 20, f"{elapsed:.1f} s"
     assert code == 3, stderr[-3000:]
@@ -208,9 +213,7 @@ def test_workers_whose_launcher_is_killed_during_set_up_end_themselves(tmp_path,
         while (left := [w for w in workers if alive(w)]) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                worker.kill()
+        kill_all(workers)
     _, stderr = proc.communicate(timeout=30)  # the workers held its pipes
     assert not left, f"workers still running 15 s after their launcher was killed: {left}"
     assert f"its launcher (pid {proc.pid}) is gone; stopping" in stderr, stderr[-3000:]
