@@ -373,7 +373,7 @@ def ddp_frozen_rank(ctx: Context) -> dict:
         with contextlib.suppress(Exception):  # a stopped rank left behind would hold its GPU
             frozen.resume()
     seconds = time.monotonic() - start
-    assert "rank 1 (node" in stderr and "stopped responding" in stderr and proc.returncode == 3, stderr[-1500:]
+    assert "rank 1 (node" in stderr and "is frozen or unreachable" in stderr and proc.returncode == 3, stderr[-1500:]
     assert seconds < 30 + 20, seconds
     return {"seconds to end": round(seconds, 1), "exit": proc.returncode}
 

@@ -5,6 +5,7 @@ worker/rank_timing.py's time split, evaluation/counting.py's exact counts, run/c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import click
@@ -31,6 +33,8 @@ from accelerate.utils import (
 )
 
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, Quiet, first_line, host_name, run_cli
+from distrnn.ranks import hang_report
+from distrnn.ranks.collective_log import CollectiveLog
 from distrnn.ranks.devices import (
     check_precision,
     choose_precision,
@@ -178,12 +182,12 @@ def _is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or any(m in str(error) for m in markers)
 
 
-def peer_failure(accelerator: Accelerator | None, error: BaseException,
-                 heartbeats: Heartbeats | None = None, collective_timeout_s: int = 0) -> DistrnnError | None:
+def peer_failure(accelerator: Accelerator | None, error: BaseException, heartbeats: Heartbeats | None = None,
+                 collective_timeout_s: int = 0, hang_folder: Path | None = None) -> DistrnnError | None:
     """A failed collective as one line, by what its error says; None for anything else (a bug keeps its
     traceback).
 
-    - a timeout: another rank did not answer; the ranks whose heartbeat stopped are named (PeerUnresponsive);
+    - a timeout: the hang report (hang_report.py) in one line, its evidence in `hang_folder` (PeerUnresponsive);
     - a peer gone (connection closed or reset, ncclRemoteError): "lost contact with another rank";
     - any other torch.distributed error (an NCCL system or usage error): its own text, not a lost peer.
     """
@@ -191,8 +195,10 @@ def peer_failure(accelerator: Accelerator | None, error: BaseException,
         return None
     text, rank = str(error), accelerator.process_index
     if any(marker in text for marker in _TIMED_OUT):
-        return _unresponsive(accelerator, error, heartbeats, collective_timeout_s)
+        return _unresponsive(accelerator, error, heartbeats, collective_timeout_s, hang_folder)
     if any(marker in text for marker in _PEER_GONE):
+        if heartbeats is not None and heartbeats.hang_claimed(HANG_CLAIM_WAIT_S):  # it closed on a timed-out rank
+            return _unresponsive(accelerator, error, heartbeats, collective_timeout_s, hang_folder)
         return PeerLost(f"rank {rank} lost contact with another rank ({first_line(error)}); stopping")
     if isinstance(error, dist.DistError):
         last = [line.strip() for line in text.splitlines() if line.strip()]
@@ -202,23 +208,48 @@ def peer_failure(accelerator: Accelerator | None, error: BaseException,
     return None
 
 
+# A rank whose collective timed out closes its connections: the other ranks then see "connection closed" at
+# once, and would end the job (torchrun stops every worker when one ends) before the report is written. They
+# wait this long for a claim in the store (the timed-out rank makes it right after its timeout), then for the
+# report: its 3 s heartbeat check, a py-spy dump (at most hang_report.PY_SPY_TIMEOUT_S) and the files.
+HANG_CLAIM_WAIT_S = 2
+HANG_REPORT_WAIT_S = 20
+
+
 def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: Heartbeats | None,
-                  timeout_s: int) -> DistrnnError:
-    """A collective waited `timeout_s` for a rank that never came: name it (its heartbeat stopped too), stop
-    it if it runs on this machine (it would hold its node until torchrun's 30 s shutdown grace and then be
-    killed), and print once, from the lowest rank that still answers."""
-    silent = heartbeats.silent() if heartbeats is not None else {}
-    if not silent:
+                  timeout_s: int, hang_folder: Path | None) -> DistrnnError:
+    """A collective waited `timeout_s` (or closed on a rank whose collective did): the first rank here claims
+    the report, compares every rank's published state (hang_report.diagnose), writes the evidence to
+    `hang_folder` and prints one line; every other rank adds its own evidence and waits for the report. A
+    frozen rank is stopped by a rank of its machine (it would hold its node until torchrun's 30 s shutdown
+    grace and then be killed)."""
+    if heartbeats is None:
         return PeerUnresponsive(f"rank {accelerator.process_index}: no answer from another rank within "
                                 f"train.collective_timeout_s={timeout_s} s ({first_line(error)}); stopping")
-    for who in silent.values():
-        heartbeats.stop_if_local(who)
-    if accelerator.process_index != min(set(range(accelerator.num_processes)) - set(silent)):
+    rank, reporter = accelerator.process_index, heartbeats.claim_report()
+    if hang_folder is not None:
+        with contextlib.suppress(OSError):
+            hang_report.write_own(hang_folder, rank, heartbeats.log.snapshot(), error)
+    if not reporter:
+        for who in heartbeats.await_report(HANG_REPORT_WAIT_S):
+            heartbeats.stop_if_local(who)
         return Quiet(PeerUnresponsive.exit_code)
-    named = ", ".join(f"rank {r} (node {who['host']}, pid {who['pid']})" for r, who in sorted(silent.items()))
-    return PeerUnresponsive(f"{named} stopped responding: no collective finished within "
-                            f"train.collective_timeout_s={timeout_s} s and its heartbeat stopped; it was stopped, "
-                            "and so was the run: run the same command again to resume from the last checkpoint")
+    silent = set(heartbeats.silent())
+    states = hang_report.read_states(heartbeats.store, heartbeats.prefix, heartbeats.world)
+    dumps = {r: dump for r in silent if states[r].get("host") == host_name()
+             and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
+    line = hang_report.diagnose(states, silent, time.time())
+    evidence = ""
+    if hang_folder is not None:
+        with contextlib.suppress(OSError):
+            hang_report.write_report(hang_folder, line, states, silent, dumps)
+            evidence = f"; evidence in {hang_folder}{os.sep}"
+    heartbeats.report_done([states[r] for r in silent])
+    for r in silent:
+        heartbeats.stop_if_local(states[r])
+    again = "; run the same command again to resume from the last checkpoint" if silent else ""
+    return PeerUnresponsive(f"{line}; no collective finished within train.collective_timeout_s={timeout_s} s and "
+                            f"the run was stopped{' (the frozen rank too)' if silent else ''}{evidence}{again}")
 
 
 class Heartbeats:
@@ -232,8 +263,8 @@ class Heartbeats:
     SECONDS = 1.0
     SILENT_AFTER = 3  # beats missed in a row
 
-    def __init__(self, accelerator: Accelerator):
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+    def __init__(self, accelerator: Accelerator, log: CollectiveLog):
+        self.rank, self.world, self.log = accelerator.process_index, accelerator.num_processes, log
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.prefix = f"distrnn/heartbeat/{run}"
         self.store, self.beat_store = self._client(), self._client()
@@ -244,11 +275,11 @@ class Heartbeats:
         self._thread.start()
 
     @staticmethod
-    def start(accelerator: Accelerator) -> Heartbeats | None:
+    def start(accelerator: Accelerator, log: CollectiveLog | None) -> Heartbeats | None:
         """Under torchrun (MASTER_ADDR and its store); None for one process or another launcher."""
-        if accelerator.num_processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        if accelerator.num_processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ or log is None:
             return None
-        return Heartbeats(accelerator)
+        return Heartbeats(accelerator, log)
 
     @staticmethod
     def _client() -> dist.TCPStore:
@@ -256,8 +287,10 @@ class Heartbeats:
                              timeout=timedelta(seconds=30))
 
     def _beat(self) -> None:
+        """Count, and publish this rank's collective log (what the hang report reads, a frozen rank's too)."""
         while not self._stop.wait(self.SECONDS):
             try:
+                self.beat_store.set(f"{self.prefix}/state/{self.rank}", json.dumps(self.log.snapshot()))
                 self.beat_store.add(f"{self.prefix}/beats/{self.rank}", 1)
             except Exception:  # the store is gone with the main machine's launcher (launcher_watch ends this one)
                 pass
@@ -274,9 +307,36 @@ class Heartbeats:
         except Exception:  # the store is unreachable too: nothing can be said about who
             return {}
 
+    def claim_report(self) -> bool:
+        """True for the first rank to claim this hang's report (a compare-and-set in the store)."""
+        try:
+            mine = str(self.rank)
+            return self.store.compare_set(f"{self.prefix}/hang/reporter", "", mine).decode() == mine
+        except Exception:  # the store is gone with the main machine: report what this rank knows
+            return True
+
+    def hang_claimed(self, wait_s: float) -> bool:
+        try:
+            self.store.wait([f"{self.prefix}/hang/reporter"], timedelta(seconds=wait_s))
+            return True
+        except Exception:  # not within wait_s, or the store is gone: a peer that really left
+            return False
+
+    def await_report(self, wait_s: float) -> list[dict]:
+        """The frozen ranks ({"host", "pid"}) the reporter found, once it wrote the report; [] after wait_s."""
+        try:
+            self.store.wait([f"{self.prefix}/hang/frozen"], timedelta(seconds=wait_s))
+            return json.loads(self.store.get(f"{self.prefix}/hang/frozen"))
+        except Exception:
+            return []
+
+    def report_done(self, frozen: list[dict]) -> None:
+        with contextlib.suppress(Exception):
+            self.store.set(f"{self.prefix}/hang/frozen", json.dumps(frozen))
+
     def stop_if_local(self, who: dict) -> None:
         """SIGKILL a silent rank of this machine: one started by the same launcher as this process."""
-        if who["host"] != host_name():
+        if who.get("host") != host_name() or "pid" not in who:
             return
         try:
             process = psutil.Process(who["pid"])

@@ -12,6 +12,7 @@
     RUN/.hold                which run owns the folder (hold.py)
     RUN/best/                the best model by validation accuracy (checkpoint.keep_best)
     RUN/debug/               what a non-finite loss left behind
+    RUN/hang/                a hang's evidence: report.json, rank-R.json (ranks/hang_report.py)
     RUN/profile/rank-R.json  train.profile_steps: each rank's trace
     RUN/wandb/               W&B's own folder (offline runs)
     RUN/tensorboard/         TensorBoard's event files (`tensorboard --logdir RUN/tensorboard`)
@@ -101,6 +102,11 @@ class RunFolder:
     @property
     def hold(self) -> Path:
         return self.root / ".hold"
+
+    @property
+    def hang(self) -> Path:
+        """A collective timeout's evidence (ranks/hang_report.py): the report and each answering rank's record."""
+        return self.root / "hang"
 
     @property
     def confusion_png(self) -> Path:

@@ -4,9 +4,11 @@ distrnn.train`) and by Ray's workers (distrnn/launcher/ray.py)."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from distrnn.config.schema import Config
+from distrnn.ranks.collective_log import CollectiveLog
 from distrnn.ranks.collectives import Heartbeats, make_accelerator, peer_failure, teardown
 from distrnn.ranks.launcher_watch import LauncherWatch
 from distrnn.ranks.preemption import StopRequest
@@ -26,15 +28,17 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
     hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken (decide_resume) before anything is written there
     watch = LauncherWatch.start()  # before the process group: joining it can wait for a launcher already gone
     accelerator = trainer = heartbeats = None
+    folder = RunFolder(cfg.train.output_dir)
+    log = CollectiveLog().install() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # numbered from the first
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
-        heartbeats = Heartbeats.start(accelerator)
+        heartbeats = Heartbeats.start(accelerator, log)
         trainer = build_trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
         return trainer.fit()
     except Exception as e:
-        lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s)
+        lost = peer_failure(accelerator, e, heartbeats, cfg.train.collective_timeout_s, folder.hang)
         if lost is None:
             raise
         raise lost from None
@@ -43,6 +47,8 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
             heartbeats.close()
         if trainer is not None:
             trainer.close()
+        if log is not None:
+            log.uninstall()
         hold.release()  # also when the Trainer failed to start after taking it
         try:
             teardown(accelerator)

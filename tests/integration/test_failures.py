@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import time
@@ -191,10 +192,22 @@ def test_a_frozen_rank_is_named_as_unresponsive_within_the_collective_timeout(tm
     assert not left, "workers left behind"
     assert 10 <= elapsed < 10 + 20, f"{elapsed:.1f} s"
     assert code == 3, stderr[-3000:]
-    assert [line for line in stderr.splitlines() if line.strip()] == [
-        f"distrnn.train: error: rank 1 (node {HOST}, pid {frozen.pid}) stopped responding: no collective finished "
-        "within train.collective_timeout_s=10 s and its heartbeat stopped; it was stopped, and so was the run: run "
-        "the same command again to resume from the last checkpoint"]
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    # where it froze (the heartbeat's last look at it, at most 1 s before) and its last collective, against
+    # where rank 0 waits: the next sequence number (one more collective than rank 1 made)
+    match = re.fullmatch(
+        rf"distrnn\.train: error: rank 1 \(node {HOST}, pid {frozen.pid}\) is frozen or unreachable \(no heartbeat "
+        r"for (\d+) s, the last from (\w+\.py:\d+)\); its last collective was #(\d+) (\w+) at (\w+\.py:\d+) while "
+        r"rank 0 waits in (\w+\.py:\d+) (\w+) #(\d+); no collective finished within "
+        rf"train\.collective_timeout_s=10 s and the run was stopped \(the frozen rank too\); evidence in "
+        rf"{out / 'hang'}/; run the same command again to resume from the last checkpoint", line)
+    assert match, line
+    assert 10 <= int(match[1]) < 10 + 20 and int(match[8]) == int(match[3]) + 1
+    report = json.loads((out / "hang" / "report.json").read_text())
+    assert report["frozen"] == [1] and report["line"] in line
+    rank0 = json.loads((out / "hang" / "rank-0.json").read_text())  # the frozen rank has none of its own
+    assert sorted(p.name for p in (out / "hang").iterdir()) == ["rank-0.json", "report.json"]
+    assert rank0["record"]["in"]["seq"] == int(match[8]) and rank0["flight_recorder"] is None  # off unless asked
 
 
 def test_workers_whose_launcher_is_killed_during_set_up_end_themselves(tmp_path, data_dir):
