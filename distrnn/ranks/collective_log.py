@@ -104,9 +104,8 @@ class CollectiveLog:
         def recorded(*args, **kwargs):
             if kwargs.get("group") not in (None, dist.group.WORLD):  # side groups have sequences of their own
                 return collective(*args, **kwargs)
-            args = faults.alter_collective(self.seq + 1, name, args, bool(kwargs.get("async_op")))
-            if args is None:  # skip-collective: this rank goes on as if its code had not called it
-                return None
+            if faults.skip_collective(self.seq + 1, name, bool(kwargs.get("async_op"))):
+                return None  # this rank goes on as if its code had not called it
             self.seq += 1
             shapes, dtypes = _describe(args[position]) if position is not None and len(args) > position else ([], [])
             entry = {"seq": self.seq, "op": name, "shapes": shapes, "dtypes": dtypes, "site": call_site(),

@@ -23,7 +23,6 @@ should have them; unset in every real run:
                         as torchrun's exit barrier holds it while other machines finish
     skip-collective=R:N rank R skips its first synchronous all_reduce from its Nth collective on (collective_log's
                         numbering), as a rank that took another branch does (the hang report's tests)
-    shape-collective=R:N rank R calls that all_reduce with one element more than the other ranks do
     stop-at=STEP        every rank takes a stop request (as if SIGUSR1 had arrived) at optimizer step STEP, and
                         stops at that step's check (every step with train.log_every=1: a stop at a chosen step)
 """
@@ -101,29 +100,19 @@ def slow_down(rank: int) -> None:
         time.sleep(float(value.split(":")[1]) / 1000)
 
 
-def alter_collective(seq: int, op: str, args: tuple, async_op: bool) -> tuple | None:
-    """skip-collective=R:N and shape-collective=R:N, in collective_log's wrapper: rank R's first synchronous
-    all_reduce from its Nth collective on is skipped (None: its tensor keeps its own values, as when the call is
-    not made) or called with one element more; any other collective's arguments unchanged."""
-    if "-collective=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
-        return args
-    faults, rank = _active(), os.environ.get("RANK", "0")
-    for fault in ("skip-collective", "shape-collective"):
-        value = faults.get(fault, "")
-        if op != "all_reduce" or async_op or not value.startswith(f"{rank}:") or seq < int(value.split(":")[1]):
-            continue
-        if fault in _altered:
-            continue
-        _altered.add(fault)
-        if fault == "skip-collective":
-            return None
-        import torch
-
-        return (torch.cat([args[0].reshape(-1), args[0].reshape(-1)[:1]]), *args[1:])
-    return args
+def skip_collective(seq: int, op: str, async_op: bool) -> bool:
+    """skip-collective=R:N, in collective_log's wrapper: True for rank R's first synchronous all_reduce from its
+    Nth collective on (skipped: its tensor keeps its own values, as when the call is not made)."""
+    if "skip-collective=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
+        return False
+    rank, target = _active()["skip-collective"].split(":")
+    if op != "all_reduce" or async_op or rank != os.environ.get("RANK", "0") or seq < int(target) or _skipped:
+        return False
+    _skipped.append(seq)
+    return True
 
 
-_altered: set[str] = set()  # skip- and shape-collective alter one collective per process
+_skipped: list[int] = []  # skip-collective skips one collective per process
 
 
 _micro_batches: list[list[int]] = []  # sample-ledger: this rank's micro-batches since its last optimizer step
