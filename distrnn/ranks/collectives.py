@@ -234,7 +234,7 @@ def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: He
         for who in heartbeats.await_report(HANG_REPORT_WAIT_S):
             heartbeats.stop_if_local(who)
         return Quiet(PeerUnresponsive.exit_code)
-    silent = set(heartbeats.silent())
+    silent = heartbeats.silent()
     states = hang_report.read_states(heartbeats.store, heartbeats.prefix, heartbeats.world)
     dumps = {r: dump for r in silent if states[r].get("host") == host_name()
              and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
@@ -295,17 +295,16 @@ class Heartbeats:
             except Exception:  # the store is gone with the main machine's launcher (launcher_watch ends this one)
                 pass
 
-    def silent(self) -> dict[int, dict]:
-        """{rank: {"host", "pid"}} of the other ranks whose count did not move for SILENT_AFTER beats."""
+    def silent(self) -> set[int]:
+        """The other ranks whose count did not move for SILENT_AFTER beats (hang_report.read_states says who)."""
         try:
             keys = [f"{self.prefix}/beats/{r}" for r in range(self.world)]
             before = [self.store.add(k, 0) for k in keys]
             time.sleep(self.SILENT_AFTER * self.SECONDS)
             after = [self.store.add(k, 0) for k in keys]
-            return {r: json.loads(self.store.get(f"{self.prefix}/who/{r}")) for r in range(self.world)
-                    if r != self.rank and after[r] == before[r]}
+            return {r for r in range(self.world) if r != self.rank and after[r] == before[r]}
         except Exception:  # the store is unreachable too: nothing can be said about who
-            return {}
+            return set()
 
     def claim_report(self) -> bool:
         """True for the first rank to claim this hang's report (a compare-and-set in the store)."""

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -148,7 +149,7 @@ def write_own(folder: Path, rank: int, snapshot: dict, error: BaseException) -> 
     """rank-R.json from a rank that still answers: its record, the traceback of the collective that failed (where
     it waited), every thread's Python stack now, torch's flight recorder, its environment and versions."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = {t.ident: t.name for t in __import__("threading").enumerate()}
+    names = {t.ident: t.name for t in threading.enumerate()}
     stacks = {names.get(ident, str(ident)): traceback.format_stack(frame)
               for ident, frame in sys._current_frames().items()}
     environment = {k: v for k, v in os.environ.items()

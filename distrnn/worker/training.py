@@ -25,10 +25,10 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
     from distrnn.worker.trainer import build_trainer
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
-    hold = FolderHold(RunFolder(cfg.train.output_dir).hold)  # taken (decide_resume) before anything is written there
+    folder = RunFolder(cfg.train.output_dir)
+    hold = FolderHold(folder.hold)  # taken (decide_resume) before anything is written there
     watch = LauncherWatch.start()  # before the process group: joining it can wait for a launcher already gone
     accelerator = trainer = heartbeats = None
-    folder = RunFolder(cfg.train.output_dir)
     log = CollectiveLog().install() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # numbered from the first
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
