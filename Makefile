@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: train lint check test test-all results docs gpu-check clean
 
@@ -33,8 +34,10 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest --durations=25 tests/unit tests/integration $(ARGS)
 
 # Every tier, as CI runs it (.ci/run): cluster/ needs root and a SLURM cluster; CPU only, real MNIST.
+# Two pytest-xdist workers: one test at a time leaves a 2-core machine a third idle (start-up, waits on
+# other processes); tests/conftest.py keeps each module on one worker and the cluster tier in one queue.
 test-all: $(STAMP)
-	$(VENV)/bin/python -m pytest -v --durations=25 tests $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) -v --durations=25 tests $(ARGS)
 
 # The README's results table, from the runs it lists (about 3 minutes on 2 cores); rerun when training changes.
 results: $(STAMP)

@@ -70,3 +70,21 @@ def raw_copy(tmp_path, data_dir) -> Path:
     for name in mnist.RAW_FILES:
         (raw / name).symlink_to(data_dir / "MNIST" / "raw" / name)
     return raw
+
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist (no -n) it is never called
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2` (make test-all): a module's tests run on one worker, so its module-scoped runs train once, and the
+    cluster tier is one queue, one test at a time (one SLURM cluster; no two tests timing a fault side by side).
+    Written as a scheduler because xdist 3.8's `xdist_group` marks are lost under pytest 9.2 (it renames
+    `item._nodeid`, which pytest 9.2 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndOneClusterQueue(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/cluster" if module.startswith("tests/cluster/") else module
+
+    config.option.loadscopereorder = False  # collection order: the cluster queue (the longest) first, unit/ last
+    return ModulesAndOneClusterQueue(config, log)

@@ -39,6 +39,11 @@ def process_env(extra: dict[str, str] | None) -> dict[str, str]:
     paths = [(extra or {}).get("PYTHONPATH"), COLLECTIVE_CHECK["PYTHONPATH"], os.environ.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("DISTRNN_DEBUG", None)
+    # Under pytest-xdist (make test-all runs two tests at a time on 2 cores) a test's processes get one thread
+    # each unless the test says otherwise: torch's OpenMP threads spin while they wait, and two tests each running
+    # 2 threads a process took the default config's reference run from 68 s (alone) to 675 s.
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in (extra or {}):
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
