@@ -24,6 +24,7 @@ from tests.helpers import (
     flip_byte,
     newest_checkpoint,
     one_line_error,
+    run_warnings,
     start_distrnn,
     wait_for_step,
 )
@@ -240,7 +241,7 @@ def damaged_resume(tmp_path, data_dir, uninterrupted, stopped_at_25, processes: 
     what = damage(newest)
     resumed = distrnn(*train_args(out, processes, data_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    warnings = [line for line in resumed.stdout.splitlines() if line.startswith("warning:")]
+    warnings = run_warnings(resumed.stdout)
     assert warnings == [f"warning: checkpoint {newest} is damaged ({what}); set aside as .damaged-{newest.name}",
                         f"warning: resuming from {previous}, the newest checkpoint that verifies"]
     assert f"resumed from {previous}: " in resumed.stdout

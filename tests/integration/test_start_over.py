@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import distrnn, flip_byte, newest_checkpoint, one_line_error
+from tests.helpers import distrnn, flip_byte, newest_checkpoint, one_line_error, run_warnings
 
 # 640 images: 10 steps an epoch with 1 process, 5 with 2; a checkpoint every 3 steps and at each epoch's end.
 SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--set", "train.eval_train_set=false",
@@ -80,7 +80,7 @@ def test_resume_from_another_runs_folder_passes_over_its_damaged_checkpoint_with
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert snapshot(other) == before, "the other run's folder was changed"
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    warnings = run_warnings(result.stdout)
     assert len(warnings) == 2 and str(newest) in warnings[0] and "damaged" in warnings[0], warnings
     assert "set aside" not in warnings[0], warnings
     assert f"resumed from {previous}: " in result.stdout
