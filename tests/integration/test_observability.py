@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from distrnn.worker.rank_timing import SLOW_INTERVALS, SLOW_MARGIN
 from tests.helpers import distrnn
 
 # 4000 images, 32 steps of 2 x 64, the split logged every 3 steps: 10 intervals.
@@ -44,9 +45,28 @@ def test_a_slowed_rank_is_named_once_and_the_split_is_logged_per_rank(tmp_path, 
     assert all(r["peak_rss_mb"] > 100 and r["samples_per_s"] > 0 and r["peak_gpu_mb"] is None for r in ranks)
 
 
-def test_no_rank_is_named_when_none_is_slowed(tmp_path, data_dir):
-    result = train(tmp_path / "run", data_dir)
-    assert SLOW.findall(result.stdout) == []
+def test_with_no_rank_slowed_a_rank_is_named_exactly_when_the_logged_split_shows_it(tmp_path, data_dir):
+    """The warning's rule checked against the run's own logged split: a rank is named if and only if its compute
+    was more than SLOW_MARGIN times the other's for SLOW_INTERVALS intervals in a row. On a quiet machine that
+    does not happen without a fault; beside a neighbour test on the 2 cores (make test-all runs two at a time) it
+    can, and is then real (seen once: rank 1 at 79 ms against 47 ms a step)."""
+    out = tmp_path / "run"
+    result = train(out, data_dir)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    split = [entry for entry in logged if "time/compute_ms/max" in entry]
+    assert len(split) == 10
+    streak: dict[int, int] = {}
+    expected = None
+    for entry in split:  # two ranks: only the slower one can be SLOW_MARGIN times the other
+        slower = entry["time/slowest_rank"]
+        if entry["time/compute_ms/max"] > SLOW_MARGIN * entry["time/compute_ms/min"]:
+            streak = {slower: streak.get(slower, 0) + 1}
+        else:
+            streak = {}
+        if expected is None and streak.get(slower, 0) >= SLOW_INTERVALS:
+            expected = slower
+    named = [int(rank) for rank, *_ in SLOW.findall(result.stdout)]
+    assert named == ([] if expected is None else [expected]), (named, split)
 
 
 def test_a_profile_on_request_writes_one_trace_per_rank(tmp_path, data_dir):
