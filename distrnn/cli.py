@@ -40,7 +40,7 @@ class Commands(click.Group):
     (report) or onnx (export)."""
 
     TOOLS = {"predict": "distrnn.tools.predict", "export": "distrnn.tools.export", "report": "distrnn.tools.report",
-             "k8s-manifest": "distrnn.launcher.kubernetes"}
+             "k8s-manifest": "distrnn.launcher.kubernetes", "hang-report": "distrnn.launcher.ask_hang_report"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.TOOLS]

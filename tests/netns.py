@@ -50,6 +50,10 @@ class Machine:
     def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(args), **kwargs)
 
+    def cut(self) -> None:
+        """This machine's link down: its processes run on, and nothing reaches them or leaves."""
+        _ip("-n", self.namespace, "link", "set", self.interface, "down")
+
     def lose(self) -> None:
         """SIGKILL to every process in this machine's network namespace, in three sweeps half a second apart
         (a process started during one is caught by the next): what losing the machine does. Killing a

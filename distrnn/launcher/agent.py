@@ -9,7 +9,8 @@ than 400 s while a machine waited for an absent main machine).
 
 Signals: SIGTERM and SIGUSR1 (a user, `scancel`, SLURM before the time limit) are passed on to every
 worker as a stop request (preemption.FORWARDED); before the workers exist they end the start-up at once.
-SIGINT, SIGHUP and SIGQUIT end the workers, as torchrun's agent would. Accelerate stays the library
+SIGINT, SIGHUP and SIGQUIT end the workers, as torchrun's agent would. SIGUSR2 asks the workers for a hang
+report (hang_request.py) and changes nothing else. Accelerate stays the library
 inside each worker: the Accelerator reads torchrun's environment as under `accelerate launch`.
 """
 
@@ -28,9 +29,11 @@ from contextlib import contextmanager
 import psutil
 
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, debug_enabled
+from distrnn.ranks.hang_request import ASK_SIGNAL
 from distrnn.ranks.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+REPORT_SIGNAL = signal.SIGUSR2  # a user's: a hang report of the live run (the workers get ASK_SIGNAL)
 KILL_AFTER_S = 20  # after SIGINT/SIGHUP/SIGQUIT: workers still running then are killed (a collective holds them)
 
 
@@ -89,6 +92,13 @@ class _Signals:
 
     def handle(self, signum: int, frame: object) -> None:
         sig = signal.Signals(signum)
+        if sig == REPORT_SIGNAL:
+            if workers():
+                signal_workers(ASK_SIGNAL)
+            else:
+                print(f"distrnn: {sig.name} asks for a hang report, but no worker is running now; nothing to report",
+                      file=sys.stderr, flush=True)
+            return
         if sig in STOP_SIGNALS:
             if workers():
                 signal_workers(FORWARDED[sig])
@@ -106,7 +116,7 @@ class _Signals:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        for sig in (*STOP_SIGNALS, *ENDING_SIGNALS):
+        for sig in (*STOP_SIGNALS, *ENDING_SIGNALS, REPORT_SIGNAL):
             self._previous[sig] = signal.signal(sig, self.handle)
         try:
             yield

@@ -42,6 +42,7 @@ from distrnn.ranks.devices import (
     set_numerics,
     will_run_on_cpu,
 )
+from distrnn.ranks.hang_request import ReportRequests, announce
 from distrnn.testing import faults
 
 T = TypeVar("T")
@@ -214,6 +215,31 @@ def peer_failure(accelerator: Accelerator | None, error: BaseException, heartbea
 # report: its 3 s heartbeat check, a py-spy dump (at most hang_report.PY_SPY_TIMEOUT_S) and the files.
 HANG_CLAIM_WAIT_S = 2
 HANG_REPORT_WAIT_S = 20
+# A store operation on the failure path takes milliseconds when the main machine answers. When this machine's
+# network is cut, TCPStore's own timeout does not end it (a compare_set was seen blocked for more than 10
+# minutes): each one runs under `bounded`.
+STORE_WAIT_S = 5
+
+
+def bounded(call: Callable[[], T], wait_s: float) -> T:
+    """call() in a daemon thread, waited for `wait_s`: its result or its exception, else TimeoutError (the thread
+    is left blocked; it ends with the process)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="distrnn-store-call", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if thread.is_alive():
+        raise TimeoutError(f"the store did not answer within {wait_s} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: Heartbeats | None,
@@ -230,12 +256,17 @@ def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: He
     if hang_folder is not None:
         with contextlib.suppress(OSError):
             hang_report.write_own(hang_folder, rank, heartbeats.log.snapshot(), error)
+    if reporter is None:  # this rank knows only itself: the report (report.json) is the main machine's to write
+        return PeerUnresponsive(
+            f"rank {rank} (node {host_name()}, pid {os.getpid()}) cannot reach the store on the main machine at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: this machine's network or the main "
+            f"machine is down ({first_line(error)}); its own evidence is in {hang_folder}{os.sep}rank-{rank}.json")
     if not reporter:
         for who in heartbeats.await_report(HANG_REPORT_WAIT_S):
             heartbeats.stop_if_local(who)
         return Quiet(PeerUnresponsive.exit_code)
     silent = heartbeats.silent()
-    states = hang_report.read_states(heartbeats.store, heartbeats.prefix, heartbeats.world)
+    states = heartbeats.states()
     dumps = {r: dump for r in silent if states[r].get("host") == host_name()
              and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
     line = hang_report.diagnose(states, silent, time.time())
@@ -245,11 +276,10 @@ def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: He
             hang_report.write_report(hang_folder, line, states, silent, dumps)
             evidence = f"; evidence in {hang_folder}{os.sep}"
     heartbeats.report_done([states[r] for r in silent])
-    for r in silent:
-        heartbeats.stop_if_local(states[r])
+    stopped = [r for r in silent if heartbeats.stop_if_local(states[r])]
     again = "; run the same command again to resume from the last checkpoint" if silent else ""
     return PeerUnresponsive(f"{line}; no collective finished within train.collective_timeout_s={timeout_s} s and "
-                            f"the run was stopped{' (the frozen rank too)' if silent else ''}{evidence}{again}")
+                            f"the run was stopped{' (the frozen rank too)' if stopped else ''}{evidence}{again}")
 
 
 class Heartbeats:
@@ -263,8 +293,9 @@ class Heartbeats:
     SECONDS = 1.0
     SILENT_AFTER = 3  # beats missed in a row
 
-    def __init__(self, accelerator: Accelerator, log: CollectiveLog):
+    def __init__(self, accelerator: Accelerator, log: CollectiveLog, requests: ReportRequests):
         self.rank, self.world, self.log = accelerator.process_index, accelerator.num_processes, log
+        self.requests, self._answering = requests, threading.Thread()
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.prefix = f"distrnn/heartbeat/{run}"
         self.store, self.beat_store = self._client(), self._client()
@@ -275,11 +306,11 @@ class Heartbeats:
         self._thread.start()
 
     @staticmethod
-    def start(accelerator: Accelerator, log: CollectiveLog | None) -> Heartbeats | None:
+    def start(accelerator: Accelerator, log: CollectiveLog | None, requests: ReportRequests) -> Heartbeats | None:
         """Under torchrun (MASTER_ADDR and its store); None for one process or another launcher."""
         if accelerator.num_processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ or log is None:
             return None
-        return Heartbeats(accelerator, log)
+        return Heartbeats(accelerator, log, requests)
 
     @staticmethod
     def _client() -> dist.TCPStore:
@@ -287,36 +318,74 @@ class Heartbeats:
                              timeout=timedelta(seconds=30))
 
     def _beat(self) -> None:
-        """Count, and publish this rank's collective log (what the hang report reads, a frozen rank's too)."""
-        while not self._stop.wait(self.SECONDS):
+        """Count, publish this rank's collective log (what the hang report reads, a frozen rank's too), and pass
+        on and answer requests for a report (hang_request.py)."""
+        answered = 0
+        while True:
+            asked = self.requests.asked(self.SECONDS)
+            if self._stop.is_set():
+                return
             try:
+                if asked:
+                    self.beat_store.add(f"{self.prefix}/asked", 1)
                 self.beat_store.set(f"{self.prefix}/state/{self.rank}", json.dumps(self.log.snapshot()))
                 self.beat_store.add(f"{self.prefix}/beats/{self.rank}", 1)
+                requests = self.beat_store.add(f"{self.prefix}/asked", 0)
             except Exception:  # the store is gone with the main machine's launcher (launcher_watch ends this one)
-                pass
+                continue
+            if requests > answered and not self._answering.is_alive():  # several at once (every node's launcher
+                answered = requests  # passed one SIGUSR2 on) are answered once
+                self._answering = threading.Thread(target=self._answer, name="distrnn-hang-report", daemon=True)
+                self._answering.start()
+
+    def _answer(self) -> None:
+        """A report asked of the live run: every rank's own evidence; rank 0 compares and prints the line. In a
+        thread of its own: the 3 s check for frozen ranks would stop this rank's own beats."""
+        folder = self.requests.folder
+        with contextlib.suppress(OSError):
+            hang_report.write_own(folder, self.rank, self.log.snapshot(), None)
+        if self.rank != 0:
+            return
+        states = self.states()  # as of the request, as the ranks'
+        silent = self.silent()  # own evidence is: a live run moves on during the 3 s this takes
+        dumps = {r: dump for r in silent if states[r].get("host") == host_name()
+                 and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
+        line = hang_report.diagnose(states, silent, time.time(), asked=True)
+        with contextlib.suppress(OSError):
+            hang_report.write_report(folder, line, states, silent, dumps, asked=True)
+            announce(line, folder)
 
     def silent(self) -> set[int]:
         """The other ranks whose count did not move for SILENT_AFTER beats (hang_report.read_states says who)."""
         try:
             keys = [f"{self.prefix}/beats/{r}" for r in range(self.world)]
-            before = [self.store.add(k, 0) for k in keys]
+            before = bounded(lambda: [self.store.add(k, 0) for k in keys], STORE_WAIT_S)
             time.sleep(self.SILENT_AFTER * self.SECONDS)
-            after = [self.store.add(k, 0) for k in keys]
+            after = bounded(lambda: [self.store.add(k, 0) for k in keys], STORE_WAIT_S)
             return {r for r in range(self.world) if r != self.rank and after[r] == before[r]}
         except Exception:  # the store is unreachable too: nothing can be said about who
             return set()
 
-    def claim_report(self) -> bool:
-        """True for the first rank to claim this hang's report (a compare-and-set in the store)."""
+    def states(self) -> dict[int, dict]:
+        """Every rank's last published state (hang_report.read_states); {} for each when the store does not answer."""
+        try:
+            return bounded(lambda: hang_report.read_states(self.store, self.prefix, self.world), STORE_WAIT_S)
+        except TimeoutError:
+            return {rank: {} for rank in range(self.world)}
+
+    def claim_report(self) -> bool | None:
+        """True for the first rank to claim this hang's report (a compare-and-set in the store); None when the
+        store cannot be reached (the main machine, or this machine's network, is down)."""
         try:
             mine = str(self.rank)
-            return self.store.compare_set(f"{self.prefix}/hang/reporter", "", mine).decode() == mine
-        except Exception:  # the store is gone with the main machine: report what this rank knows
-            return True
+            claimed = bounded(lambda: self.store.compare_set(f"{self.prefix}/hang/reporter", "", mine), STORE_WAIT_S)
+            return claimed.decode() == mine
+        except Exception:
+            return None
 
     def hang_claimed(self, wait_s: float) -> bool:
         try:
-            self.store.wait([f"{self.prefix}/hang/reporter"], timedelta(seconds=wait_s))
+            bounded(lambda: self.store.wait([f"{self.prefix}/hang/reporter"], timedelta(seconds=wait_s)), wait_s + 1)
             return True
         except Exception:  # not within wait_s, or the store is gone: a peer that really left
             return False
@@ -324,28 +393,31 @@ class Heartbeats:
     def await_report(self, wait_s: float) -> list[dict]:
         """The frozen ranks ({"host", "pid"}) the reporter found, once it wrote the report; [] after wait_s."""
         try:
-            self.store.wait([f"{self.prefix}/hang/frozen"], timedelta(seconds=wait_s))
-            return json.loads(self.store.get(f"{self.prefix}/hang/frozen"))
+            bounded(lambda: self.store.wait([f"{self.prefix}/hang/frozen"], timedelta(seconds=wait_s)), wait_s + 1)
+            return json.loads(bounded(lambda: self.store.get(f"{self.prefix}/hang/frozen"), STORE_WAIT_S))
         except Exception:
             return []
 
     def report_done(self, frozen: list[dict]) -> None:
         with contextlib.suppress(Exception):
-            self.store.set(f"{self.prefix}/hang/frozen", json.dumps(frozen))
+            bounded(lambda: self.store.set(f"{self.prefix}/hang/frozen", json.dumps(frozen)), STORE_WAIT_S)
 
-    def stop_if_local(self, who: dict) -> None:
-        """SIGKILL a silent rank of this machine: one started by the same launcher as this process."""
+    def stop_if_local(self, who: dict) -> bool:
+        """SIGKILL a silent rank of this machine: one started by the same launcher as this process; True if so."""
         if who.get("host") != host_name() or "pid" not in who:
-            return
+            return False
         try:
             process = psutil.Process(who["pid"])
             if process.ppid() == os.getppid():
                 process.send_signal(signal.SIGKILL)
+                return True
         except psutil.Error:
             pass
+        return False
 
     def close(self) -> None:
         self._stop.set()
+        self.requests.wake()
         self._thread.join(timeout=2 * self.SECONDS)
 
 

@@ -67,8 +67,9 @@ def first_difference(states: dict[int, dict]) -> str | None:
     return None
 
 
-def diagnose(states: dict[int, dict], silent: set[int], now: float) -> str:
-    """The one line's diagnosis, from every rank's published state ({rank: snapshot + host + pid})."""
+def diagnose(states: dict[int, dict], silent: set[int], now: float, asked: bool = False) -> str:
+    """The one line's diagnosis, from every rank's published state ({rank: snapshot + host + pid}). `asked`: of a
+    live run (hang_request.py), where all ranks in one collective is what a healthy run shows too."""
     elsewhere, waiting = [], {}
     for rank, state in sorted(states.items()):
         if rank in silent:
@@ -89,10 +90,10 @@ def diagnose(states: dict[int, dict], silent: set[int], now: float) -> str:
         line = "; ".join(elsewhere) + ("" if not groups else " while " + "; ".join(
             f"{_ranks(rs)} {'waits' if len(rs) == 1 else 'wait'} in {call}" for call, rs in groups))
     elif groups:
-        line = (f"{_ranks(groups[0][1])} all wait in {groups[0][0]}, none frozen or elsewhere: the network between "
-                "their machines may be cut")
+        line = f"{_ranks(groups[0][1])} all wait in {groups[0][0]}, none frozen or elsewhere" + (
+            "" if asked else ": the network between their machines may be cut")
     else:
-        line = "no rank's state could be read (the store on the main machine is unreachable)"
+        line = "no rank's state could be read"
     differ = first_difference({r: s for r, s in states.items() if s.get("ring")})
     return line + (f"; {differ}" if differ else "")
 
@@ -123,12 +124,14 @@ def py_spy_dump(pid: int) -> str | None:
         return f"py-spy dump failed: {e}"
 
 
-def write_report(folder: Path, line: str, states: dict[int, dict], silent: set[int], local_dumps: dict[int, str]):
-    """report.json (the line, every rank's published state) and a py-spy dump per frozen rank of this machine."""
+def write_report(folder: Path, line: str, states: dict[int, dict], silent: set[int], local_dumps: dict[int, str],
+                 asked: bool = False):
+    """report.json (the line, every rank's published state) and a py-spy dump per frozen rank of this machine.
+    `asked`: a report asked of a live run (hang_request.py), not one made because a collective timed out."""
     folder.mkdir(parents=True, exist_ok=True)
     for rank, dump in local_dumps.items():
         (folder / f"rank-{rank}.py-spy.txt").write_text(dump)
-    report = {"line": line, "time": time.time(), "frozen": sorted(silent), "ranks": states}
+    report = {"line": line, "time": time.time(), "asked": asked, "frozen": sorted(silent), "ranks": states}
     (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
@@ -145,9 +148,10 @@ def _flight_recorder() -> Any:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def write_own(folder: Path, rank: int, snapshot: dict, error: BaseException) -> None:
+def write_own(folder: Path, rank: int, snapshot: dict, error: BaseException | None) -> None:
     """rank-R.json from a rank that still answers: its record, the traceback of the collective that failed (where
-    it waited), every thread's Python stack now, torch's flight recorder, its environment and versions."""
+    it waited; None when the report was asked of a live run), every thread's Python stack now, torch's flight
+    recorder, its environment and versions."""
     folder.mkdir(parents=True, exist_ok=True)
     names = {t.ident: t.name for t in threading.enumerate()}
     stacks = {names.get(ident, str(ident)): traceback.format_stack(frame)
@@ -157,7 +161,7 @@ def write_own(folder: Path, rank: int, snapshot: dict, error: BaseException) -> 
                    or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "OMP_NUM_THREADS", "HOSTNAME")}
     versions = {"distrnn": __version__, "torch": torch.__version__, "python": platform.python_version(),
                 "platform": platform.platform()}
-    own = {"rank": rank, "pid": os.getpid(), "record": snapshot, "failed": traceback.format_exception(error),
-           "stacks": stacks, "environment": environment,
-           "versions": versions, "flight_recorder": _flight_recorder()}
+    own = {"rank": rank, "pid": os.getpid(), "record": snapshot,
+           "failed": traceback.format_exception(error) if error else None, "stacks": stacks,
+           "environment": environment, "versions": versions, "flight_recorder": _flight_recorder()}
     (folder / f"rank-{rank}.json").write_text(json.dumps(own, indent=1, default=str))

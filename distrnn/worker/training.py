@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from distrnn.config.schema import Config
 from distrnn.ranks.collective_log import CollectiveLog
 from distrnn.ranks.collectives import Heartbeats, make_accelerator, peer_failure, teardown
+from distrnn.ranks.hang_request import ReportRequests
 from distrnn.ranks.launcher_watch import LauncherWatch
 from distrnn.ranks.preemption import StopRequest
 from distrnn.run.folder import RunFolder
@@ -26,6 +27,7 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
 
     stop_request = StopRequest()  # first, so a signal during start-up is not lost
     folder = RunFolder(cfg.train.output_dir)
+    requests = ReportRequests(folder.hang)  # before the hold: `distrnn hang-report` finds the run by it
     hold = FolderHold(folder.hold)  # taken (decide_resume) before anything is written there
     watch = LauncherWatch.start()  # before the process group: joining it can wait for a launcher already gone
     accelerator = trainer = heartbeats = None
@@ -34,7 +36,7 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
                                        tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
-        heartbeats = Heartbeats.start(accelerator, log)
+        heartbeats = Heartbeats.start(accelerator, log, requests)
         trainer = build_trainer(cfg, accelerator, stop_request, hold, on_checkpoint)
         return trainer.fit()
     except Exception as e:
@@ -45,6 +47,7 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
     finally:
         if heartbeats is not None:
             heartbeats.close()
+        requests.close()
         if trainer is not None:
             trainer.close()
         if log is not None:

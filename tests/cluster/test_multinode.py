@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -18,7 +20,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, distrnn, process_env
+from tests.helpers import BIN, REPO, counts, distrnn, process_env, wait_for_step
 
 SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--no-wandb", "--set", "train.collective_timeout_s=20"]
 
@@ -31,8 +33,9 @@ def two_machines():
     assert netns.leftovers() == []
 
 
-def start(machine: netns.Machine, rank: int, main: netns.Machine, out, *extra: str, port: int = 29_613):
-    env = {"OMP_NUM_THREADS": "1"}
+def start(machine: netns.Machine, rank: int, main: netns.Machine, out, *extra: str, port: int = 29_613,
+          faults: str = ""):
+    env = {"OMP_NUM_THREADS": "1", **({"DISTRNN_FAULTS": faults} if faults else {})}
     args = [str(BIN / "distrnn"), "train", "--mode", "cpu", "--num-machines", "2", "--machine-rank", str(rank),
             "--main-process-ip", main.address, "--main-process-port", str(port), "--output-dir", str(out), *SMALL,
             *extra]
@@ -153,3 +156,43 @@ def test_a_worker_whose_launcher_is_killed_ends_itself_and_the_run_ends(two_mach
     finish(procs[1])
     assert code0 != 0 and time.monotonic() - killed < 20 + 20, err0[-2000:]
     assert "Traceback" not in err0
+
+
+def test_a_machine_whose_network_is_cut_is_named_unreachable_with_its_last_collective(two_machines, tmp_path,
+                                                                                     data_dir):
+    """Machine 1's link goes down while it trains (rank 0 300 ms slower a step, so the run lasts): its heartbeats
+    stop reaching the store, and machine 0 names rank 1 unreachable, with its node, pid and last collective,
+    within the collective timeout + 20 s, its evidence in RUN/hang/. Machine 1, which can reach nothing, says so
+    within the same bound and leaves report.json to machine 0. Before: its worker blocked in the store's
+    compare-and-set for more than 10 minutes (TCPStore's timeout did not end it), and would then have written a
+    report.json that said nothing over machine 0's."""
+    main, other = two_machines
+    out = tmp_path / "run"
+    extra = ("--data-dir", str(data_dir), "--set", "data.train_samples=6400")
+    procs = [start(main, 0, main, out, *extra, faults="slow-rank=0:300"),
+             start(other, 1, main, out, *extra, faults="slow-rank=0:300")]
+    wait_for_step(procs[0], out, 1, timeout=120)
+    other.cut()
+    cut = time.monotonic()
+    code0, _, err0 = finish(procs[0], timeout=120)
+    elapsed = time.monotonic() - cut
+    code1, _, err1 = finish(procs[1], timeout=60)
+    elapsed1 = time.monotonic() - cut
+    assert code0 == 3 and elapsed < 20 + 20, f"{code0} after {elapsed:.0f} s: {err0[-2000:]}"
+    report = json.loads((out / "hang" / "report.json").read_text())
+    pid = report["ranks"]["1"]["pid"]
+    host = socket.gethostname().split(".")[0]  # namespaces share the host's name
+    [line] = stderr_lines(err0)
+    assert re.fullmatch(
+        rf"distrnn\.train: error: rank 1 \(node {host}, pid {pid}\) is frozen or unreachable \(no heartbeat for \d+ s, "
+        r"the last from \w+\.py:\d+\); its last collective was #\d+ \w+ at \w+\.py:\d+ while rank 0 waits in "
+        r"\w+\.py:\d+ \w+ #\d+; no collective finished within train\.collective_timeout_s=20 s and the run was "
+        rf"stopped.*; evidence in {re.escape(str(out / 'hang'))}/; .*", line), line
+    assert report["line"] in line and report["frozen"] == [1]
+    assert "(the frozen rank too)" not in line  # another launcher's rank: machine 0 cannot stop it, nor says so
+    assert json.loads((out / "hang" / "rank-0.json").read_text())["pid"] == report["ranks"]["0"]["pid"]
+    assert code1 != 0 and elapsed1 < 20 + 20, f"{code1} after {elapsed1:.0f} s: {err1[-2000:]}"
+    [line1] = [line for line in stderr_lines(err1) if "cannot reach the store" in line] or [err1[-2000:]]
+    assert (f"rank 1 (node {host}, pid {pid}) cannot reach the store on the main machine at {main.address}:" in line1
+            and f"its own evidence is in {out / 'hang'}/rank-1.json" in line1), line1
+    assert json.loads((out / "hang" / "rank-1.json").read_text())["pid"] == pid

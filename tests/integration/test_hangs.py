@@ -1,4 +1,5 @@
-"""A hang in one line (who, where, which collective) and its evidence in RUN/hang/ (real processes, gloo).
+"""A hang in one line (who, where, which collective) and its evidence in RUN/hang/ (real processes, gloo): when a
+collective times out, and when a live run is asked (SIGUSR2 to `distrnn train`, `distrnn hang-report RUN`).
 
 The frozen rank (SIGSTOP) is in test_failures.py, beside the other failures it is told apart from. These runs
 leave tests/collective_check off: it would stop a rank that skips a collective before the hang this reports.
@@ -7,11 +8,16 @@ leave tests/collective_check off: it would stop a rank that skips a collective b
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import time
+from pathlib import Path
 
-from tests.helpers import distrnn
+import psutil
+
+from tests.helpers import counts, distrnn, finish, start_distrnn
 
 HOST = socket.gethostname().split(".")[0]
 TIMEOUT_S = 10
@@ -70,3 +76,100 @@ def test_a_rank_busy_outside_any_collective_is_told_from_a_frozen_one(tmp_path, 
         r"rank_timing\.py:\d+ while rank 0 waits in rank_timing\.py:\d+ all_reduce #7; .*", line), line
     assert bundle["report.json"]["frozen"] == []
     assert "rank-0.json" in bundle  # rank 1 was busy: it was stopped by torchrun, with nothing of its own to add
+
+
+ASKED = "distrnn: hang report (asked): "
+
+
+def until_held(out: Path, proc, timeout_s: float = 120) -> None:
+    """Wait (bounded) until the run's main process holds its folder: from then on it answers requests."""
+    deadline = time.monotonic() + timeout_s
+    while not (out / ".hold").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never took its folder"
+        time.sleep(0.2)
+
+
+def asked_bundle(out: Path) -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
+
+
+def test_a_hung_run_asked_for_its_report_names_where_the_ranks_differ_long_before_its_timeout(tmp_path, data_dir):
+    """The skipped collective of the timeout's test, with a 300 s timeout: `distrnn hang-report RUN` gives the
+    same diagnosis at once (asked until the ranks are in the hang, an observable state), each rank writes its
+    evidence, and the run is left as it was (still running)."""
+    out = tmp_path / "run"
+    run = [*RUN[:-2], "--set", "train.collective_timeout_s=300", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    proc = start_distrnn(*run, env={**NO_CHECK, "DISTRNN_FAULTS": "skip-collective=1:16"})
+    try:
+        until_held(out, proc)
+        deadline, asked = time.monotonic() + 120, None
+        while asked is None or "#16 while" not in asked.stdout:
+            assert time.monotonic() < deadline, asked.stdout + asked.stderr
+            asked = distrnn("hang-report", str(out), timeout=60)
+            assert asked.returncode == 0, asked.stderr
+        bundle = asked_bundle(out)
+        pids = {r: bundle["report.json"]["ranks"][str(r)]["pid"] for r in (0, 1)}
+        assert re.fullmatch(
+            rf"{re.escape(ASKED)}rank 0 \(node {HOST}, pid {pids[0]}\) is in trainer\.py:\d+ all_reduce #16 while "
+            r"rank 1 waits in counting\.py:\d+ all_reduce #17; their records first differ at #16: rank 0 called "
+            r"all_reduce \[\[\d+\]\] at trainer\.py:\d+, rank 1 called all_reduce \[\[\d+\]\] at progress\.py:\d+; "
+            rf"evidence in {re.escape(str(out / 'hang'))}/", asked.stdout.strip()), asked.stdout
+        assert bundle["report.json"]["asked"] is True and bundle["report.json"]["frozen"] == []
+        assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"]
+        for rank in (0, 1):
+            own = bundle[f"rank-{rank}.json"]
+            assert own["pid"] == pids[rank] and own["failed"] is None  # asked: no collective failed
+            main = "".join(own["stacks"]["MainThread"])  # it waits in a recorded collective, at the site named
+            assert "collective_log.py" in main and own["record"]["in"]["site"].split(":")[0] in main, main[-2000:]
+        assert proc.poll() is None, "asking stopped the run"
+    finally:
+        for worker in psutil.Process(proc.pid).children():  # a skipped collective never ends on its own
+            os.kill(worker.pid, signal.SIGKILL)
+        code, stdout, _ = finish(proc, 60)
+    assert asked.stdout.strip() in stdout  # rank 0 printed it in the run's own output too
+
+
+def test_sigusr2_to_a_healthy_run_prints_where_each_rank_is_and_the_run_finishes(tmp_path, data_dir):
+    """SIGUSR2 to `distrnn train` (2 processes, rank 1 500 ms slower a step): one line in the run's output, the
+    evidence of both ranks, and a run that goes on to exit 0 with its exact 500 test samples."""
+    out = tmp_path / "run"
+    run = [*RUN, "--set", "data.train_samples=1280", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    proc = start_distrnn(*run, env={"DISTRNN_FAULTS": "slow-rank=1:500"})
+    try:
+        until_held(out, proc)
+        proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not (out / "hang" / "report.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no report within 30 s"
+            time.sleep(0.2)
+    finally:
+        code, stdout, stderr = finish(proc, 300)
+    assert code == 0, stderr[-3000:]
+    [line] = [line for line in stdout.splitlines() if line.startswith(ASKED)]
+    bundle = asked_bundle(out)
+    pids = [bundle["report.json"]["ranks"][str(r)]["pid"] for r in (0, 1)]
+    assert f"rank 1 (node {HOST}, pid {pids[1]})" in line or f"rank 0 (node {HOST}, pid {pids[0]})" in line, line
+    assert line.endswith(f"; evidence in {out / 'hang'}/"), line
+    assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"] and bundle["report.json"]["asked"]
+    assert [own["pid"] for own in (bundle["rank-0.json"], bundle["rank-1.json"])] == pids
+    assert counts(stdout)[-1][1] == 500
+
+
+def test_a_one_process_run_asked_for_its_report_says_where_it_is_and_finishes(tmp_path, data_dir):
+    """`distrnn hang-report RUN` of a one-process run: its handler answers in the main thread; the run goes on."""
+    out = tmp_path / "run"
+    run = ["train", "--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=3200", "--set",
+           "data.test_samples=500", "--no-wandb", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    proc = start_distrnn(*run, env={"DISTRNN_FAULTS": "slow-rank=0:200"})
+    try:
+        until_held(out, proc)
+        asked = distrnn("hang-report", str(out), timeout=60)
+    finally:
+        code, stdout, stderr = finish(proc, 300)
+    assert asked.returncode == 0, asked.stderr
+    pid = asked_bundle(out)["report.json"]["ranks"]["0"]["pid"]
+    assert re.fullmatch(rf"{re.escape(ASKED)}rank 0 \(node {HOST}, pid {pid}\) is at \w+\.py:\d+ \(one process: "
+                        rf"no collective to wait in\); evidence in {re.escape(str(out / 'hang'))}/",
+                        asked.stdout.strip()), asked.stdout
+    assert code == 0, stderr[-3000:]
+    assert asked.stdout.strip() in stdout

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from dataclasses import asdict
+
 import torch
 import torch.distributed as dist
 
+from distrnn.errors import host_name, run_cli
+from distrnn.launcher import ask_hang_report
 from distrnn.ranks import hang_report
 from distrnn.ranks.collective_log import CollectiveLog
+from distrnn.run.hold import Holder
 
 
 def entry(seq, op="all_reduce", site="progress.py:96", shapes=((2,),), end=1.0):
@@ -60,6 +67,38 @@ def test_a_busy_rank_and_ranks_all_in_one_collective_are_told_apart():
     assert hang_report.diagnose(cut, set(), now=100.0) == (
         "ranks 0,1 all wait in progress.py:96 all_reduce #2, none frozen or elsewhere: the network between their "
         "machines may be cut")
+    # asked of a live run, all ranks in one collective is also what a healthy run shows
+    assert hang_report.diagnose(cut, set(), now=100.0, asked=True) == (
+        "ranks 0,1 all wait in progress.py:96 all_reduce #2, none frozen or elsewhere")
+
+
+def ask(run, capsys) -> tuple[int, str]:
+    code = run_cli(ask_hang_report.command, "distrnn hang-report", [str(run)])
+    return code, capsys.readouterr().err
+
+
+def test_asking_a_folder_no_run_holds_is_one_line_and_exit_1(tmp_path, capsys):
+    assert ask(tmp_path / "absent", capsys) == (
+        1, f"distrnn hang-report: error: {tmp_path / 'absent'} is not a folder; pass the --output-dir of a running "
+           "`distrnn train`\n")
+    assert ask(tmp_path, capsys) == (
+        1, f"distrnn hang-report: error: no run is training in {tmp_path} (it has no .hold); a finished or stopped "
+           f"run's last report, if it had one, is {tmp_path / 'hang' / 'report.json'}\n")
+
+
+def test_asking_a_run_held_elsewhere_or_by_a_process_that_is_gone_is_one_line_and_exit_1(tmp_path, capsys):
+    def hold(host: str, pid: int) -> None:
+        (tmp_path / ".hold").write_text(json.dumps(asdict(Holder(host, pid, 0.0, 0.0))))
+
+    hold("n7", 4242)
+    assert ask(tmp_path, capsys) == (
+        1, f"distrnn hang-report: error: the run in {tmp_path} has its main process on node n7 (pid 4242); run this "
+           "there, or send SIGUSR2 to `distrnn train` on that node\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    hold(host_name(), gone.pid)
+    assert ask(tmp_path, capsys) == (
+        1, f"distrnn hang-report: error: the run that holds {tmp_path} (pid {gone.pid}) is gone; nothing to report\n")
 
 
 def test_the_log_numbers_collectives_and_names_the_distrnn_line_that_called_them(tmp_path):
