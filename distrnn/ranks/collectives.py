@@ -333,10 +333,11 @@ class Heartbeats:
                 requests = self.beat_store.add(f"{self.prefix}/asked", 0)
             except Exception:  # the store is gone with the main machine's launcher (launcher_watch ends this one)
                 continue
-            if requests > answered and not self._answering.is_alive():  # several at once (every node's launcher
-                answered = requests  # passed one SIGUSR2 on) are answered once
-                self._answering = threading.Thread(target=self._answer, name="distrnn-hang-report", daemon=True)
-                self._answering.start()
+            if requests > answered:
+                answered = requests  # requests that come while one is answered are that one: each rank that got the
+                if not self._answering.is_alive():  # signal counts it, and every node's launcher passes it on
+                    self._answering = threading.Thread(target=self._answer, name="distrnn-hang-report", daemon=True)
+                    self._answering.start()
 
     def _answer(self) -> None:
         """A report asked of the live run: every rank's own evidence; rank 0 compares and prints the line. In a
