@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from distrnn.errors import CONTEXT_SETTINGS, DistrnnError, host_name
-from distrnn.ranks.hang_request import ANSWER_WAIT_S, ASK_SIGNAL, PREFIX
+from distrnn.ranks.hang_request import ANSWER_WAIT_S, ASK_SIGNAL, asked_line
 from distrnn.run.folder import RunFolder
 from distrnn.run.hold import FolderHold
 
@@ -51,7 +51,7 @@ def command(run: Path) -> None:
     if line is None:
         raise DistrnnError(f"no report from the run within {ANSWER_WAIT_S} s: it may be starting still (run this "
                            f"again), or its main process (pid {holder.pid}) is frozen: py-spy dump --pid {holder.pid}")
-    click.echo(f"{PREFIX} {line}; evidence in {folder.hang}{os.sep}")
+    click.echo(asked_line(line, folder.hang))
 
 
 def _answer(path: Path, asked_at: float) -> str | None:

@@ -265,16 +265,10 @@ def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: He
         for who in heartbeats.await_report(HANG_REPORT_WAIT_S):
             heartbeats.stop_if_local(who)
         return Quiet(PeerUnresponsive.exit_code)
-    silent = heartbeats.silent()
-    states = heartbeats.states()
-    dumps = {r: dump for r in silent if states[r].get("host") == host_name()
-             and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
-    line = hang_report.diagnose(states, silent, time.time())
+    line, states, silent = heartbeats.compare()
     evidence = ""
-    if hang_folder is not None:
-        with contextlib.suppress(OSError):
-            hang_report.write_report(hang_folder, line, states, silent, dumps)
-            evidence = f"; evidence in {hang_folder}{os.sep}"
+    if hang_folder is not None and heartbeats.write_report(hang_folder, line, states, silent):
+        evidence = f"; evidence in {hang_folder}{os.sep}"
     heartbeats.report_done([states[r] for r in silent])
     stopped = [r for r in silent if heartbeats.stop_if_local(states[r])]
     again = "; run the same command again to resume from the last checkpoint" if silent else ""
@@ -347,14 +341,27 @@ class Heartbeats:
             hang_report.write_own(folder, self.rank, self.log.snapshot(), None)
         if self.rank != 0:
             return
-        states = self.states()  # as of the request, as the ranks'
-        silent = self.silent()  # own evidence is: a live run moves on during the 3 s this takes
+        line, states, silent = self.compare(asked=True)
+        if self.write_report(folder, line, states, silent, asked=True):
+            announce(line, folder)
+
+    def compare(self, asked: bool = False) -> tuple[str, dict[int, dict], set[int]]:
+        """The report's line, from every rank's published state and the silent ranks. The states are read first,
+        as of the timeout or the request (a live run moves on during the 3 s the silence check takes)."""
+        states = self.states()
+        silent = self.silent()
+        return hang_report.diagnose(states, silent, time.time(), asked=asked), states, silent
+
+    @staticmethod
+    def write_report(folder: Path, line: str, states: dict[int, dict], silent: set[int], asked: bool = False) -> bool:
+        """report.json, and a py-spy dump of each silent rank of this machine; False if it could not be written."""
         dumps = {r: dump for r in silent if states[r].get("host") == host_name()
                  and (dump := hang_report.py_spy_dump(states[r]["pid"])) is not None}
-        line = hang_report.diagnose(states, silent, time.time(), asked=True)
-        with contextlib.suppress(OSError):
-            hang_report.write_report(folder, line, states, silent, dumps, asked=True)
-            announce(line, folder)
+        try:
+            hang_report.write_report(folder, line, states, silent, dumps, asked=asked)
+            return True
+        except OSError:
+            return False
 
     def silent(self) -> set[int]:
         """The other ranks whose count did not move for SILENT_AFTER beats (hang_report.read_states says who)."""

@@ -35,8 +35,13 @@ ANSWER_WAIT_S = 30
 PREFIX = "distrnn: hang report (asked):"
 
 
+def asked_line(line: str, folder: Path) -> str:
+    """What an asked report prints: by rank 0 in the run's output, and by `distrnn hang-report`."""
+    return f"{PREFIX} {line}; evidence in {folder}{os.sep}"
+
+
 def announce(line: str, folder: Path) -> None:
-    print(f"{PREFIX} {line}; evidence in {folder}{os.sep}", flush=True)
+    print(asked_line(line, folder), flush=True)
 
 
 class ReportRequests:
