@@ -26,6 +26,11 @@ RUN = ["train", "--mode", "cpu", "--num-processes", "2", "--config", "smoke", "-
 NO_CHECK = {"DISTRNN_TEST_COLLECTIVE_CHECK": "0"}
 
 
+def read_bundle(out: Path) -> dict[str, dict]:
+    """RUN/hang/'s files, each parsed."""
+    return {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
+
+
 def hang(tmp_path, data_dir, fault: str, **env: str):
     """(the one error line, the bundle's files parsed, seconds) of a 2-process run with `fault`."""
     out = tmp_path / "run"
@@ -35,7 +40,7 @@ def hang(tmp_path, data_dir, fault: str, **env: str):
     elapsed = time.monotonic() - start
     assert result.returncode == 3, result.stderr[-3000:]
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
-    bundle = {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
+    bundle = read_bundle(out)
     assert line.endswith(f"; no collective finished within train.collective_timeout_s={TIMEOUT_S} s and the run "
                          f"was stopped; evidence in {out / 'hang'}/")
     assert bundle["report.json"]["line"] in line
@@ -89,10 +94,6 @@ def until_held(out: Path, proc, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
-def asked_bundle(out: Path) -> dict[str, dict]:
-    return {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
-
-
 def test_a_hung_run_asked_for_its_report_names_where_the_ranks_differ_long_before_its_timeout(tmp_path, data_dir):
     """The skipped collective of the timeout's test, with a 300 s timeout: `distrnn hang-report RUN` gives the
     same diagnosis at once (asked until the ranks are in the hang, an observable state), each rank writes its
@@ -107,7 +108,7 @@ def test_a_hung_run_asked_for_its_report_names_where_the_ranks_differ_long_befor
             assert time.monotonic() < deadline, asked.stdout + asked.stderr
             asked = distrnn("hang-report", str(out), timeout=60)
             assert asked.returncode == 0, asked.stderr
-        bundle = asked_bundle(out)
+        bundle = read_bundle(out)
         pids = {r: bundle["report.json"]["ranks"][str(r)]["pid"] for r in (0, 1)}
         assert re.fullmatch(
             rf"{re.escape(ASKED)}rank 0 \(node {HOST}, pid {pids[0]}\) is in trainer\.py:\d+ all_reduce #16 while "
@@ -146,7 +147,7 @@ def test_sigusr2_to_a_healthy_run_prints_where_each_rank_is_and_the_run_finishes
         code, stdout, stderr = finish(proc, 300)
     assert code == 0, stderr[-3000:]
     [line] = [line for line in stdout.splitlines() if line.startswith(ASKED)]
-    bundle = asked_bundle(out)
+    bundle = read_bundle(out)
     pids = [bundle["report.json"]["ranks"][str(r)]["pid"] for r in (0, 1)]
     assert f"rank 1 (node {HOST}, pid {pids[1]})" in line or f"rank 0 (node {HOST}, pid {pids[0]})" in line, line
     assert line.endswith(f"; evidence in {out / 'hang'}/"), line
@@ -167,7 +168,7 @@ def test_a_one_process_run_asked_for_its_report_says_where_it_is_and_finishes(tm
     finally:
         code, stdout, stderr = finish(proc, 300)
     assert asked.returncode == 0, asked.stderr
-    pid = asked_bundle(out)["report.json"]["ranks"]["0"]["pid"]
+    pid = read_bundle(out)["report.json"]["ranks"]["0"]["pid"]
     assert re.fullmatch(rf"{re.escape(ASKED)}rank 0 \(node {HOST}, pid {pid}\) is at \w+\.py:\d+ \(one process: "
                         rf"no collective to wait in\); evidence in {re.escape(str(out / 'hang'))}/",
                         asked.stdout.strip()), asked.stdout
