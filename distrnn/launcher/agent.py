@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import psutil
 
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, debug_enabled
+from distrnn.launcher.crash_report import CrashRecords
 from distrnn.ranks.hang_request import ASK_SIGNAL
 from distrnn.ranks.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
@@ -153,20 +154,24 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
 
     if not debug_enabled():
         _quiet_torchrun_agent()
-    for restart in range(max_restarts + 1):
-        error, ending, late_stop = _run_once(args, env)
-        if ending:
-            return 128 + int(ending)
-        if late_stop and isinstance(error, ChildFailedError) and retryable(error):
-            print(f"distrnn: stopped by {late_stop.name} after {describe_failure(error)}, instead of restarting; "
-                  "run the same command again to resume from the newest checkpoint that verifies",
-                  file=sys.stderr, flush=True)
-            return REQUEUE_EXIT_CODE
-        if restart < max_restarts and isinstance(error, ChildFailedError) and retryable(error):
-            print(f"distrnn: restart {restart + 1} of {max_restarts} after {describe_failure(error)}; resuming "
-                  "from the newest checkpoint that verifies", file=sys.stderr, flush=True)
-            continue
-        return _outcome(error, describe_rendezvous)
+    records = CrashRecords()
+    try:
+        for restart in range(max_restarts + 1):
+            error, ending, late_stop = _run_once(args, {**env, **records.env()})
+            if ending:
+                return 128 + int(ending)
+            if late_stop and isinstance(error, ChildFailedError) and retryable(error):
+                print(f"distrnn: stopped by {late_stop.name} after {describe_failure(error, records)}, instead of "
+                      "restarting; run the same command again to resume from the newest checkpoint that verifies",
+                      file=sys.stderr, flush=True)
+                return REQUEUE_EXIT_CODE
+            if restart < max_restarts and isinstance(error, ChildFailedError) and retryable(error):
+                print(f"distrnn: restart {restart + 1} of {max_restarts} after {describe_failure(error, records)}; "
+                      "resuming from the newest checkpoint that verifies", file=sys.stderr, flush=True)
+                continue
+            return _outcome(error, describe_rendezvous, records)
+    finally:
+        records.close()
     raise AssertionError("unreachable")
 
 
@@ -200,7 +205,7 @@ def _abandon_startup(sig: signal.Signals) -> None:
     os._exit(code)
 
 
-def _outcome(error: BaseException | None, describe_rendezvous) -> int:
+def _outcome(error: BaseException | None, describe_rendezvous, records: CrashRecords | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if error is None:
@@ -208,7 +213,7 @@ def _outcome(error: BaseException | None, describe_rendezvous) -> int:
     if isinstance(error, DistrnnError):  # waiting for the main machine (network.wait_for_main)
         raise error
     if isinstance(error, ChildFailedError):
-        return failed_workers_exit(error)
+        return failed_workers_exit(error, records)
     line = describe_rendezvous(error)
     if line is None:
         raise error
@@ -239,25 +244,31 @@ def retryable(error) -> bool:
     return code < 0 or code in (PeerUnresponsive.exit_code, PeerLost.exit_code)
 
 
-def describe_failure(error) -> str:
+def describe_failure(error, records: CrashRecords | None = None) -> str:
+    """What ended the workers; for a rank a fatal signal killed, where it and the other ranks were (crash_report)."""
     rank, code = cause(error)
     if code < 0:
-        return f"worker rank {rank} was killed by {signal.Signals(-code).name}"
+        crash = records.report(rank, code) if records is not None else None
+        return crash or f"worker rank {rank} was killed by {signal.Signals(-code).name}"
     if code == PeerUnresponsive.exit_code:
         return "a rank stopped responding"
     return f"worker rank {rank} exited with {code}" + (" (it lost contact with another rank)"
                                                        if code == PeerLost.exit_code else "")
 
 
-def failed_workers_exit(error) -> int:
-    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed (it could not say it).
+def failed_workers_exit(error, records: CrashRecords | None = None) -> int:
+    """The exit code for torchrun's ChildFailedError, naming a rank a signal killed (it could not say it), and
+    for a fatal signal where it died (crash_report).
 
     A rank that another rank named as unresponsive was named by that rank, and stopped by it: no second line.
     """
     rank, code = cause(error)
     if code < 0:
-        print(f"distrnn: worker rank {rank} was killed by {signal.Signals(-code).name}; the other workers "
-              "were stopped; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        line = describe_failure(error, records)
+        advice = ("the ranks called different collectives, a bug in the code that called them, which a restart "
+                  "would meet again" if "records first differ" in line
+                  else "run the same command again to resume from the last checkpoint")
+        print(f"distrnn: {line}; the other workers were stopped; {advice}", file=sys.stderr)
         return 128 - code
     return code
 

@@ -10,7 +10,8 @@ Why by hand: torch's flight recorder (TORCH_FR_BUFFER_SIZE) records the same in 
 98 ms for 2,000 entries and 48 ms for 64 with their call sites (torch 2.14.1, 2-core Intel Xeon, AVX512), too
 much to publish every second, and a frozen rank cannot be asked. It is off unless TORCH_FR_BUFFER_SIZE is set;
 then the ranks that still answer add its dump to the hang's evidence (hang_report.write_own). This record costs
-about 60 us per collective (benchmarks/collective_record_cost.py, docs/performance.md).
+about 55 us per collective, and with the crash record (crash_record.py) 90 us (benchmarks/collective_record_cost.py,
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distrnn.ranks.crash_record import CrashRecord
 from distrnn.testing import faults
 
 RING = 64  # entries kept per rank: a few steps' worth (about 3 to 6 collectives per optimizer step)
@@ -70,19 +72,22 @@ def _describe(value: Any) -> tuple[list[list[int]], list[str]]:
     return [list(t.shape) for t in tensors], [str(t.dtype).removeprefix("torch.") for t in tensors]
 
 
-def _finished(entry: dict[str, Any], future: torch.futures.Future) -> None:
+def _finished(entry: dict[str, Any], crash: CrashRecord | None, future: torch.futures.Future) -> None:
     """An asynchronous collective's end, if it succeeded; one that failed (a timeout) stays the one waited in."""
     try:
         future.value()
     except Exception:
         return
     entry["end"] = time.time()
+    if crash is not None:
+        crash.record(entry)
 
 
 class CollectiveLog:
     """This rank's ring of recent collectives; `install` wraps torch.distributed's collectives to fill it."""
 
-    def __init__(self):
+    def __init__(self, crash: CrashRecord | None = None):
+        self.crash = crash  # the copy a rank killed by a signal leaves behind (crash_record.py), if its launcher asked
         self.ring: deque[dict[str, Any]] = deque(maxlen=RING)
         self.seq = 0
         self.main_thread = threading.main_thread().ident
@@ -107,15 +112,20 @@ class CollectiveLog:
             if faults.skip_collective(self.seq + 1, name, bool(kwargs.get("async_op"))):
                 return None  # this rank goes on as if its code had not called it
             self.seq += 1
+            args = faults.mismatch_shape(self.seq, name, bool(kwargs.get("async_op")), args)
             shapes, dtypes = _describe(args[position]) if position is not None and len(args) > position else ([], [])
             entry = {"seq": self.seq, "op": name, "shapes": shapes, "dtypes": dtypes, "site": call_site(),
                      "start": time.time(), "end": None}
             self.ring.append(entry)
+            if self.crash is not None:
+                self.crash.record(entry)
             result = collective(*args, **kwargs)
             if kwargs.get("async_op") and result is not None:  # DDP's gradient all-reduce: done when its future is
-                result.get_future().add_done_callback(functools.partial(_finished, entry))
+                result.get_future().add_done_callback(functools.partial(_finished, entry, self.crash))
             else:
                 entry["end"] = time.time()
+                if self.crash is not None:
+                    self.crash.record(entry)
             return result
 
         return recorded

@@ -22,8 +22,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distrnn import __version__
 
 PY_SPY_TIMEOUT_S = 10  # a dump of a stopped process took about 1 s here
@@ -159,6 +157,8 @@ def write_own(folder: Path, rank: int, snapshot: dict, error: BaseException | No
     environment = {k: v for k, v in os.environ.items()
                    if k.startswith(("DISTRNN_", "TORCH", "NCCL_", "GLOO_", "MASTER_", "SLURM_", "CUDA_"))
                    or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "OMP_NUM_THREADS", "HOSTNAME")}
+    import torch  # here: the launcher compares records with first_difference and does not import torch
+
     versions = {"distrnn": __version__, "torch": torch.__version__, "python": platform.python_version(),
                 "platform": platform.platform()}
     own = {"rank": rank, "pid": os.getpid(), "record": snapshot,

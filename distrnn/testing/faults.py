@@ -23,6 +23,9 @@ should have them; unset in every real run:
                         as torchrun's exit barrier holds it while other machines finish
     skip-collective=R:N rank R skips its first synchronous all_reduce from its Nth collective on (collective_log's
                         numbering), as a rank that took another branch does (the hang report's tests)
+    shape-mismatch=R:N:D  rank R calls its first synchronous all_reduce from its Nth collective on with D elements
+                        more (D > 0: gloo aborts the rank that receives them) or fewer (D < 0: rank R's sum is
+                        silently wrong and the ranks' next collectives are paired wrongly) than the other ranks
     stop-at=STEP        every rank takes a stop request (as if SIGUSR1 had arrived) at optimizer step STEP, and
                         stops at that step's check (every step with train.log_every=1: a stop at a chosen step)
 """
@@ -112,7 +115,24 @@ def skip_collective(seq: int, op: str, async_op: bool) -> bool:
     return True
 
 
-_skipped: list[int] = []  # skip-collective skips one collective per process
+_skipped: list[int] = []  # skip-collective skips one collective per process, shape-mismatch changes one
+
+
+def mismatch_shape(seq: int, op: str, async_op: bool, args: tuple) -> tuple:
+    """shape-mismatch=R:N:D, in collective_log's wrapper: rank R's first synchronous all_reduce from its Nth
+    collective on gets a tensor D elements longer or shorter (its own tensor is left as it was)."""
+    if "shape-mismatch=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
+        return args
+    rank, target, difference = _active()["shape-mismatch"].split(":")
+    if not args or op != "all_reduce" or async_op or rank != os.environ.get("RANK", "0") or seq < int(target) \
+            or _skipped:
+        return args
+    _skipped.append(seq)
+    import torch  # only here: this module is imported by the launcher, which must not import torch for it
+
+    flat, delta = args[0].flatten(), int(difference)
+    changed = torch.cat([flat, flat[:delta]]) if delta > 0 else flat[:delta].clone()
+    return (changed, *args[1:])
 
 
 _micro_batches: list[list[int]] = []  # sample-ledger: this rank's micro-batches since its last optimizer step

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from distrnn.config.schema import Config
 from distrnn.ranks.collective_log import CollectiveLog
 from distrnn.ranks.collectives import Heartbeats, make_accelerator, peer_failure, teardown
+from distrnn.ranks.crash_record import CrashRecord
 from distrnn.ranks.hang_request import ReportRequests
 from distrnn.ranks.launcher_watch import LauncherWatch
 from distrnn.ranks.preemption import StopRequest
@@ -31,7 +32,9 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
     hold = FolderHold(folder.hold)  # taken (decide_resume) before anything is written there
     watch = LauncherWatch.start()  # before the process group: joining it can wait for a launcher already gone
     accelerator = trainer = heartbeats = None
-    log = CollectiveLog().install() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # numbered from the first
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    crash = CrashRecord.start(folder.hang) if several else None
+    log = CollectiveLog(crash).install() if several else None  # numbered from the first
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout_s,
                                        cfg.train.output_dir,
@@ -52,6 +55,8 @@ def run_training(cfg: Config, on_checkpoint: OnSaved | None = None) -> dict[str,
             trainer.close()
         if log is not None:
             log.uninstall()
+        if crash is not None:
+            crash.close()
         hold.release()  # also when the Trainer failed to start after taking it
         try:
             teardown(accelerator)

@@ -70,6 +70,53 @@ def test_a_rank_that_skips_a_collective_is_named_with_where_the_ranks_records_fi
     assert elapsed < 60 + TIMEOUT_S + 20, f"{elapsed:.0f} s"  # start-up and 9 steps, then the report
 
 
+def test_a_rank_that_calls_a_collective_with_a_longer_tensor_is_named_by_the_launcher_of_the_rank_gloo_aborts(
+        tmp_path, data_dir):
+    """Rank 1 calls the non-finite check's all-reduce with one element more: gloo aborts rank 0, which receives
+    it ("Received data size doesn't match expected size"), before any Python of rank 0 runs again. The launcher
+    names it from the records its workers leave (ranks/crash_record.py), with where the records differ."""
+    out = tmp_path / "run"
+    start = time.monotonic()
+    result = distrnn(*RUN, "--data-dir", str(data_dir), "--output-dir", str(out), timeout=300,
+                     env={**NO_CHECK, "DISTRNN_FAULTS": "shape-mismatch=1:16:1"})
+    elapsed = time.monotonic() - start
+    assert result.returncode == 128 + signal.SIGABRT, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("distrnn: worker rank")]
+    bundle = read_bundle(out)
+    pids = {r: bundle[f"rank-{r}.json"]["pid"] for r in (0, 1)}
+    assert re.fullmatch(
+        rf"distrnn: worker rank 0 \(node {HOST}, pid {pids[0]}\) was killed by SIGABRT in (trainer\.py:\d+) "
+        r"all_reduce #16 while rank 1 was in \1 all_reduce #16; their records first differ at #16: rank 0 called "
+        r"all_reduce \[\[(\d+)\]\] at \1, rank 1 called all_reduce \[\[(\d+)\]\] at \1; "
+        rf"evidence in {re.escape(str(out / 'hang'))}/; the other workers were stopped; the ranks called different "
+        r"collectives, a bug in the code that called them, which a restart would meet again", line), line
+    sizes = re.findall(r"all_reduce \[\[(\d+)\]\]", line)
+    assert int(sizes[1]) == int(sizes[0]) + 1
+    assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"]
+    assert bundle["report.json"]["killed"] == {"rank": 0, "signal": "SIGABRT"} and bundle["report.json"]["line"] in line
+    assert bundle["rank-0.json"]["fatal_stacks"].startswith("Fatal Python error: Aborted")
+    assert "collective_log.py" in bundle["rank-0.json"]["fatal_stacks"]  # its main thread, in the recorded call
+    assert bundle["rank-1.json"]["fatal_stacks"] is None  # stopped by torchrun's SIGTERM: no fatal signal
+    assert [e["seq"] for e in bundle["rank-1.json"]["record"]["ring"]][-1] == 16
+    assert elapsed < 60 + TIMEOUT_S + 20, f"{elapsed:.0f} s"
+
+
+def test_a_rank_that_calls_a_collective_with_a_shorter_tensor_hangs_the_next_one_and_the_report_says_where(
+        tmp_path, data_dir):
+    """One element fewer on rank 1: gloo gives rank 1 a wrong sum without an error, so rank 1 goes on to its next
+    all-reduce while rank 0 still waits for the rest of #16; the timeout's report says where they differ."""
+    line, bundle, elapsed = hang(tmp_path, data_dir, "shape-mismatch=1:16:-1")
+    pids = {r: bundle["report.json"]["ranks"][str(r)]["pid"] for r in (0, 1)}
+    assert re.fullmatch(
+        rf"distrnn\.train: error.*: rank 0 \(node {HOST}, pid {pids[0]}\) is in (trainer\.py:\d+) all_reduce #16 "
+        r"while rank 1 waits in progress\.py:\d+ all_reduce #17; their records first differ at #16: rank 0 called "
+        r"all_reduce \[\[(\d+)\]\] at \1, rank 1 called all_reduce \[\[(\d+)\]\] at \1; .*", line), line
+    sizes = re.findall(r"all_reduce \[\[(\d+)\]\]", line)
+    assert int(sizes[1]) == int(sizes[0]) - 1
+    assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"]
+    assert elapsed < 60 + TIMEOUT_S + 20, f"{elapsed:.0f} s"
+
+
 def test_a_rank_busy_outside_any_collective_is_told_from_a_frozen_one(tmp_path, data_dir):
     """slow-rank with a 10-minute step: rank 1 computes (its heartbeat beats) while rank 0 waits in DDP's
     gradient all-reduce (through the rank timing's communication hook)."""
