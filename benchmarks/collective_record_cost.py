@@ -1,5 +1,6 @@
-"""What the hang report's records cost: a collective called plain and through distrnn's collective log
-(ranks/collective_log.py), side by side in alternating rounds, with torch's flight recorder off and on (a
+"""What the hang report's records cost: a collective called plain, through distrnn's collective log
+(ranks/collective_log.py), and through it with the crash record that distrnn's launcher's workers also write
+(ranks/crash_record.py), side by side in alternating rounds, with torch's flight recorder off and on (a
 process each: torch reads TORCH_FR_BUFFER_SIZE once), and the heartbeat's publishing of a full record once a
 second. One gloo process (a world of one: the call's own cost, no peer to wait for).
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.bench import machine
 from distrnn.testing import faults
@@ -39,15 +41,20 @@ def child(rounds: int, calls: int) -> dict:
     import torch.distributed as dist
 
     from distrnn.ranks.collective_log import RING, CollectiveLog
+    from distrnn.ranks.crash_record import CrashRecord
 
     with tempfile.TemporaryDirectory() as folder:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
         tensor, plain = torch.zeros(2, dtype=torch.int64), dist.all_reduce
         log = CollectiveLog().install()
         recorded = dist.all_reduce
+        log.uninstall()
+        crash = CrashRecord(Path(folder), 0, Path(folder) / "hang")  # what distrnn's launcher's workers run with
+        with_crash = CollectiveLog(crash).install()
+        both = dist.all_reduce
         pairs = []
         for r in range(rounds):
-            order = [(plain, "plain"), (recorded, "recorded")][:: 1 if r % 2 else -1]
+            order = [(plain, "plain"), (recorded, "recorded"), (both, "both")][:: 1 if r % 2 else -1]
             times = {name: _calls(call, tensor, calls) for call, name in order}
             pairs.append(times)
         for _ in range(RING):
@@ -56,11 +63,13 @@ def child(rounds: int, calls: int) -> dict:
         for _ in range(2000):
             json.dumps(log.snapshot())
         publish = (time.perf_counter() - start) / 2000
-        log.uninstall()
+        with_crash.uninstall()
+        crash.close()
         dist.destroy_process_group()
     return {"plain_us": statistics.median(p["plain"] for p in pairs) * 1e6,
             "recorded_us": statistics.median(p["recorded"] for p in pairs) * 1e6,
-            "ratio": statistics.median(p["recorded"] / p["plain"] for p in pairs), "publish_us": publish * 1e6}
+            "with_crash_record_us": statistics.median(p["both"] for p in pairs) * 1e6,
+            "ratio": statistics.median(p["both"] / p["plain"] for p in pairs), "publish_us": publish * 1e6}
 
 
 def main() -> None:
@@ -80,11 +89,12 @@ def main() -> None:
                              env={**os.environ, "TORCH_FR_BUFFER_SIZE": entries}, check=True)
         results[entries] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"collective record cost on {machine()}\n")
-    print("| flight recorder | all-reduce, plain | recorded | ratio | publishing a full record (once a second) |")
-    print("|---|---|---|---|---|")
+    print("| flight recorder | all-reduce, plain | recorded | recorded + crash record | ratio (all to plain) | "
+          "publishing a full record (once a second) |")
+    print("|---|---|---|---|---|---|")
     for entries, r in results.items():
         print(f"| TORCH_FR_BUFFER_SIZE={entries} | {r['plain_us']:.1f} us | {r['recorded_us']:.1f} us | "
-              f"{r['ratio']:.2f}x | {r['publish_us']:.0f} us |")
+              f"{r['with_crash_record_us']:.1f} us | {r['ratio']:.2f}x | {r['publish_us']:.0f} us |")
     print("RESULT " + json.dumps({"machine": machine(), "rounds": args.rounds, "calls": args.calls, **results}))
 
 
