@@ -90,7 +90,8 @@ class CollectiveLog:
         self.crash = crash  # the copy a rank killed by a signal leaves behind (crash_record.py), if its launcher asked
         self.ring: deque[dict[str, Any]] = deque(maxlen=RING)
         self.seq = 0
-        self.main_thread = threading.main_thread().ident
+        # The thread that trains: the main thread under torchrun, the train function's thread under Ray Train.
+        self.training_thread = threading.get_ident()
         self._originals: dict[str, Any] = {}
 
     def install(self) -> CollectiveLog:
@@ -132,10 +133,10 @@ class CollectiveLog:
 
     def snapshot(self) -> dict[str, Any]:
         """What the heartbeat publishes: the ring, the oldest collective this rank has not seen finish (None when
-        none: it waits in that one, or at the end of backward for DDP's), and the main thread's innermost distrnn
+        none: it waits in that one, or at the end of backward for DDP's), and the training thread's innermost distrnn
         line (where it is now)."""
         entries = list(self.ring)
         waiting = next((e for e in entries if e["end"] is None), None)
-        frame = sys._current_frames().get(self.main_thread)
+        frame = sys._current_frames().get(self.training_thread)
         return {"seq": self.seq, "in": waiting, "at": call_site(frame) if frame is not None else "?",
                 "ring": entries, "time": time.time()}
