@@ -29,6 +29,7 @@ from distrnn.config.schema import load_config
 from distrnn.errors import ConfigError, DistrnnError, PeerLost, exit_status, first_line, run_cli
 from distrnn.ranks.devices import USE_CPU_VARIABLE
 from distrnn.run.hold import RUN_ID_VARIABLE
+from distrnn.testing import faults
 
 
 def require_ray():
@@ -90,7 +91,7 @@ def run_on_ray(worker_args: list[str], address: str | None, workers: int | tuple
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=True, configure_logging=True)
     run_folder = Path(output_dir).resolve()
-    env = {USE_CPU_VARIABLE: "true"} if use_cpu else {}
+    env = {**({USE_CPU_VARIABLE: "true"} if use_cpu else {}), **faults.for_workers()}
     trainer = TorchTrainer(
         _train, train_loop_config={"args": worker_args, "env": {**env, RUN_ID_VARIABLE: f"ray-{os.getpid()}"}},
         torch_config=torch_config("gloo" if use_cpu else "nccl", timeout_s),

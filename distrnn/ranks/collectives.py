@@ -301,8 +301,10 @@ class Heartbeats:
 
     @staticmethod
     def start(accelerator: Accelerator, log: CollectiveLog | None, requests: ReportRequests) -> Heartbeats | None:
-        """Under torchrun (MASTER_ADDR and its store); None for one process or another launcher."""
-        if accelerator.num_processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ or log is None:
+        """Where a store listens at MASTER_ADDR:MASTER_PORT: torchrun's (in the launcher of the main machine), or
+        under Ray Train the process group's own (in rank 0's process: when rank 0 is frozen, so is the store, and
+        the others name it unreachable); None for one process."""
+        if accelerator.num_processes < 2 or not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ) or log is None:
             return None
         return Heartbeats(accelerator, log, requests)
 

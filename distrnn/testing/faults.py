@@ -65,6 +65,12 @@ def injected() -> str | None:
     return os.environ.get("DISTRNN_FAULTS", "").strip() or None
 
 
+def for_workers() -> dict[str, str]:
+    """DISTRNN_FAULTS for workers that do not inherit the launcher's environment (Ray's start in its raylets)."""
+    value = injected()
+    return {"DISTRNN_FAULTS": value} if value else {}
+
+
 def announce(rank: int) -> None:
     """One line from each process that runs with faults: a DISTRNN_FAULTS left in a shell is never silent. One
     write, so that two ranks' lines are never interleaved on a shared terminal."""

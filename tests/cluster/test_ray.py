@@ -21,7 +21,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env
+from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env, read_bundle
 
 PORT = 6379
 TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000", "--no-wandb",
@@ -190,6 +190,27 @@ def test_without_restarts_a_lost_node_fails_the_run_fast_in_one_line(tmp_path, d
     lost_rank = 0 if main_worker_ip(result.stdout, ray.head.address) == ray.worker.address else 1
     assert own[0].startswith("distrnn: error: the Ray run failed after 0 restart(s) (--max-failures): worker rank "
                              f"{lost_rank} was lost"), own
+
+
+def test_a_hang_ends_the_ray_run_with_exit_3_and_the_evidence_in_its_run_folder(tmp_path, data_dir, ray):
+    """Rank 1 spends 10 minutes in a step (DISTRNN_FAULTS, passed on to Ray's workers by the launcher): rank 0's
+    collective times out, the heartbeats (through the process group's store, in rank 0) say rank 1 is busy outside
+    any collective, the run ends with exit 3 and RUN/hang/ holds the report and rank 0's evidence."""
+    out = tmp_path / "run"
+    proc = train_on_ray(ray.head, ray.temp, out, data_dir, "--max-failures", "0",
+                        "--set", "train.collective_timeout_s=10", env={"DISTRNN_FAULTS": "slow-rank=1:600000"})
+    started = time.monotonic()
+    result = subprocess.CompletedProcess(proc.args, *finish(proc, timeout=300))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert time.monotonic() - started < 120, "not ended by the collective timeout"
+    bundle = read_bundle(out)
+    assert {"rank-0.json", "report.json"} <= set(bundle), sorted(bundle)
+    line = bundle["report.json"]["line"]
+    assert re.fullmatch(r"rank 1 \(node \S+, pid \d+\) is busy outside any collective at faults\.py:\d+ \(its "
+                        r"heartbeat is alive\); its last collective was #\d+ \S+ at \S+ while rank 0 waits in \S+ "
+                        r"all_reduce #\d+", line), line
+    assert line in result.stdout + result.stderr
+    assert bundle["rank-0.json"]["environment"]["DISTRNN_FAULTS"] == "slow-rank=1:600000"
 
 
 def main_worker_ip(stdout: str, driver_ip: str) -> str:
