@@ -82,6 +82,11 @@ def run_warnings(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("warning:") and not SLOW_RANK_WARNING.match(line)]
 
 
+def read_bundle(out: Path) -> dict[str, dict]:
+    """A run folder's hang report and evidence (RUN/hang/), each file parsed."""
+    return {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
+
+
 def counts(output: str) -> list[tuple[int, int]]:
     """Every 'Got C / N with accuracy A' line as (C, N)."""
     return [(int(c), int(n)) for c, n in re.findall(r"^Got (\d+) / (\d+) with accuracy [\d.]+$", output, re.M)]

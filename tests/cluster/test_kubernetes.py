@@ -6,6 +6,7 @@ command `distrnn k8s-manifest` writes. JobSet restarts the whole set on a failur
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ import yaml
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, counts, distrnn, finish, process_env
+from tests.helpers import BIN, REPO, counts, distrnn, finish, process_env, read_bundle
 
 SERVICE = "distrnn-node-0-0.distrnn"  # the headless service name of node 0's pod, as Trainer v2 names it
 PORT = 29400
@@ -156,3 +157,35 @@ def test_a_pod_evicted_with_sigterm_checkpoints_both_pods_exit_75_and_the_restar
     assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
     assert f"resumed from {out}/checkpoints/{saved[-1]}" in out0
     assert counts(out0) == uninterrupted_counts
+
+
+def test_a_frozen_pod_s_rank_ends_the_job_with_exit_3_and_the_evidence_on_the_shared_volume(two_pods, tmp_path,
+                                                                                            data_dir):
+    """Node 1's worker frozen (SIGSTOP) once the pods train: node 0's pod names it within the collective timeout
+    (20 s in the pod command) + 20 s, exits 3, and RUN/hang/ on the shared volume holds the report and node 0's
+    evidence. JobSet then restarts the whole set, ending the frozen pod: so does the test."""
+    out = tmp_path / "runs" / "distrnn"
+    procs = start_pods(two_pods, pod_command(tmp_path, data_dir), trainer_v2)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish_all(procs, 5)
+            time.sleep(0.2)
+        [worker] = psutil.Process(procs[1].pid).children()
+        worker.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        code0, _, err0 = finish(procs[0], timeout=120)
+        assert time.monotonic() - frozen < 20 + 20, f"{time.monotonic() - frozen:.0f} s"
+    finally:
+        kill_pod(procs[1])
+        finish(procs[1], timeout=30)
+    assert code0 == 3, err0[-3000:]
+    bundle = read_bundle(out)
+    assert {"rank-0.json", "report.json"} <= set(bundle), sorted(bundle)
+    line = bundle["report.json"]["line"]
+    assert re.match(rf"rank 1 \(node \S+, pid {worker.pid}\) is frozen or unreachable \(no heartbeat for \d+ s, the "
+                    r"last from \S+\); its last collective was #\d+ \S+ at \S+ while rank 0 waits in \S+ \S+ #\d+",
+                    line), line
+    assert line in err0 and f"evidence in {out / 'hang'}/" in err0
+    assert bundle["report.json"]["frozen"] == [1]
+    assert bundle["rank-0.json"]["environment"]["GROUP_RANK"] == "0"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import slurm_environment
-from tests.helpers import REPO, WANDB_OFFLINE, counts, distrnn
+from tests.helpers import REPO, WANDB_OFFLINE, counts, distrnn, read_bundle
 
 SMOKE = ["--config", "smoke"]
 
@@ -108,6 +108,32 @@ def test_multinode_script_forms_one_group_across_two_nodes(multinode_job, data_d
     assert single.returncode == 0, single.stderr[-2000:]
     # the first 10000 training images (the smoke subset) and the 10000 test images: 2 nodes == 1 process
     assert counts(log)[-2:] == counts(single.stdout)
+
+
+def test_a_hang_in_a_two_node_job_ends_the_job_with_exit_3_and_the_evidence_in_its_run_folder(slurm_env, tmp_path):
+    """Rank 1 (the second node) skips the non-finite check's all-reduce (DISTRNN_FAULTS reaches both nodes through
+    sbatch's environment): the job's log has the hang report's line, the job exits 3, and RUN/hang/ holds the
+    report and both ranks' evidence, written from both nodes."""
+    out = tmp_path / "run"
+    env = {**slurm_env, "DISTRNN_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1",
+           "DISTRNN_FAULTS": "skip-collective=1:16", "DISTRNN_TEST_COLLECTIVE_CHECK": "0"}
+    code, job_id = sbatch(env, "--job-name=distrnn-hang", "--nodes=2", "slurm/train_multinode.sh", *SMOKE, "--no-wandb",
+                          "--set", "data.train_samples=640", "--set", "data.test_samples=500",
+                          "--set", "train.collective_timeout_s=10")
+    log = job_log("distrnn-hang", job_id)
+    assert code == 3, log[-3000:]
+    bundle = read_bundle(out)
+    assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"], log[-3000:]
+    report = bundle["report.json"]
+    pids = {r: report["ranks"][str(r)]["pid"] for r in (0, 1)}
+    evidence = re.escape(str(out / "hang"))
+    assert re.search(
+        rf"error.*: rank 0 \(node \S+, pid {pids[0]}\) is in trainer\.py:\d+ all_reduce #16 while rank 1 waits in "
+        r"\S+ all_reduce #17; their records first differ at #16: .*; no collective finished within "
+        rf"train\.collective_timeout_s=10 s and the run was stopped; evidence in {evidence}/", log), log[-3000:]
+    assert report["line"] in log
+    for rank in (0, 1):
+        assert bundle[f"rank-{rank}.json"]["environment"]["SLURM_JOB_ID"] == job_id  # written on its own node
 
 
 def wait_for_step(env: dict[str, str], job: str, metrics: Path, step: int, timeout: float = 300) -> None:

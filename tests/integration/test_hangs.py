@@ -7,7 +7,6 @@ leave tests/collective_check off: it would stop a rank that skips a collective b
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,18 +16,13 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import counts, distrnn, finish, start_distrnn
+from tests.helpers import counts, distrnn, finish, read_bundle, start_distrnn
 
 HOST = socket.gethostname().split(".")[0]
 TIMEOUT_S = 10
 RUN = ["train", "--mode", "cpu", "--num-processes", "2", "--config", "smoke", "--set", "data.train_samples=640",
        "--set", "data.test_samples=500", "--no-wandb", "--set", f"train.collective_timeout_s={TIMEOUT_S}"]
 NO_CHECK = {"DISTRNN_TEST_COLLECTIVE_CHECK": "0"}
-
-
-def read_bundle(out: Path) -> dict[str, dict]:
-    """RUN/hang/'s files, each parsed."""
-    return {path.name: json.loads(path.read_text()) for path in sorted((out / "hang").iterdir())}
 
 
 def hang(tmp_path, data_dir, fault: str, **env: str):
