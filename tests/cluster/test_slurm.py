@@ -136,6 +136,30 @@ def test_a_hang_in_a_two_node_job_ends_the_job_with_exit_3_and_the_evidence_in_i
         assert bundle[f"rank-{rank}.json"]["environment"]["SLURM_JOB_ID"] == job_id  # written on its own node
 
 
+def test_scancel_signal_urg_asks_a_live_two_node_job_for_its_report_and_the_job_goes_on(slurm_env, tmp_path):
+    """docs/hangs.md's command: SIGURG reaches every process of the job's steps; the workers answer it with a
+    report while the job keeps training (it is then cancelled: 2 epochs of 60000 would take minutes)."""
+    out = tmp_path / "run"
+    env = {**slurm_env, "DISTRNN_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
+    _, job_id = sbatch(env, "--job-name=distrnn-ask", "--nodes=2", "slurm/train_multinode.sh", *SMOKE, "--no-wandb",
+                       "--set", "data.train_samples=60000", "--set", "train.epochs=2", wait=False)
+    try:
+        wait_for_step(env, job_id, out / "metrics.jsonl", 20)
+        subprocess.run(["scancel", "--signal=URG", job_id], env=env, check=True)
+        deadline = time.monotonic() + 30
+        while not (out / "hang" / "report.json").is_file():
+            assert time.monotonic() < deadline, "no report within 30 s"
+            time.sleep(0.2)
+        bundle = read_bundle(out)
+        assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"]
+        assert bundle["report.json"]["asked"] is True
+        assert job_state(env, job_id) == "RUNNING"
+    finally:
+        subprocess.run(["scancel", job_id], env=env)
+        wait_for_end(env, job_id)
+    assert f"distrnn: hang report (asked): {bundle['report.json']['line']}" in job_log("distrnn-ask", job_id)
+
+
 def wait_for_step(env: dict[str, str], job: str, metrics: Path, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not (metrics.is_file()
