@@ -30,6 +30,7 @@ import psutil
 
 from distrnn.errors import DistrnnError, PeerLost, PeerUnresponsive, debug_enabled
 from distrnn.launcher.crash_report import CrashRecords
+from distrnn.launcher.hang_watch import HangWatch
 from distrnn.ranks.hang_request import ASK_SIGNAL
 from distrnn.ranks.preemption import FORWARDED, FORWARDED_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
@@ -157,7 +158,7 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
     records = CrashRecords()
     try:
         for restart in range(max_restarts + 1):
-            error, ending, late_stop = _run_once(args, {**env, **records.env()})
+            error, ending, late_stop = _run_once(args, {**env, **records.env()}, records)
             if ending:
                 return 128 + int(ending)
             if late_stop and isinstance(error, ChildFailedError) and retryable(error):
@@ -175,14 +176,17 @@ def run_agent(args: Callable[[], list[str]], env: dict[str, str], describe_rende
     raise AssertionError("unreachable")
 
 
-def _run_once(args: Callable[[], list[str]], env: dict[str, str]
+def _run_once(args: Callable[[], list[str]], env: dict[str, str], records: CrashRecords
               ) -> tuple[BaseException | None, signal.Signals | None, signal.Signals | None]:
     """One start of torchrun's agent: what it raised, the ending signal if one came (SIGINT, ...), and a stop
-    request that came after the workers ended (they finished, or failed: no restart then)."""
+    request that came after the workers ended (they finished, or failed: no restart then). A hang watch
+    (hang_watch.py) ends workers that a hang report left running; `records.watch` is this start's."""
     agent, signals = _Agent(args), _Signals()
+    records.watch = HangWatch(records.folder)
     with environment({**env, FORWARDED_VARIABLE: "1"}), signals.installed():
         try:
             agent.start()
+            records.watch.start()
             while agent.is_alive():
                 agent.join(0.2)
                 signals.workers_seen = signals.workers_seen or bool(workers())
@@ -190,6 +194,8 @@ def _run_once(args: Callable[[], list[str]], env: dict[str, str]
                     signal_workers(signal.SIGKILL, group=True)
         except _StartupStopped as e:
             _abandon_startup(e.signal)
+        finally:
+            records.watch.close()
     return agent.error, signals.ending, signals.late_stop
 
 
@@ -263,6 +269,10 @@ def failed_workers_exit(error, records: CrashRecords | None = None) -> int:
     A rank that another rank named as unresponsive was named by that rank, and stopped by it: no second line.
     """
     rank, code = cause(error)
+    stopped = records.watch.describe(error.failures[rank].pid) if records is not None and records.watch else None
+    if stopped:  # after the run's hang report: its exit code, as the reporter's
+        print(f"distrnn: {stopped}", file=sys.stderr)
+        return PeerUnresponsive.exit_code
     if code < 0:
         line = describe_failure(error, records)
         advice = ("the ranks called different collectives, a bug in the code that called them, which a restart "

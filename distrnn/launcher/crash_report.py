@@ -15,10 +15,13 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distrnn.ranks.crash_record import CRASH_RECORDS_VARIABLE, FATAL_SIGNALS, read
 from distrnn.ranks.hang_report import first_difference
+
+if TYPE_CHECKING:
+    from distrnn.launcher.hang_watch import HangWatch
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
 
@@ -85,6 +88,7 @@ class CrashRecords:
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="distrnn-crash-records-"))
+        self.watch: HangWatch | None = None  # the current start's (agent._run_once)
 
     def env(self) -> dict[str, str]:
         return {CRASH_RECORDS_VARIABLE: str(self.folder)}

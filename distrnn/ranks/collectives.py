@@ -42,7 +42,7 @@ from distrnn.ranks.devices import (
     set_numerics,
     will_run_on_cpu,
 )
-from distrnn.ranks.hang_request import ReportRequests, announce
+from distrnn.ranks.hang_request import ReportRequests, announce, store_prefix
 from distrnn.testing import faults
 
 T = TypeVar("T")
@@ -269,7 +269,7 @@ def _unresponsive(accelerator: Accelerator, error: BaseException, heartbeats: He
     evidence = ""
     if hang_folder is not None and heartbeats.write_report(hang_folder, line, states, silent):
         evidence = f"; evidence in {hang_folder}{os.sep}"
-    heartbeats.report_done([states[r] for r in silent])
+    heartbeats.report_done([states[r] for r in silent], line)
     stopped = [r for r in silent if heartbeats.stop_if_local(states[r])]
     again = "; run the same command again to resume from the last checkpoint" if silent else ""
     return PeerUnresponsive(f"{line}; no collective finished within train.collective_timeout_s={timeout_s} s and "
@@ -290,8 +290,7 @@ class Heartbeats:
     def __init__(self, accelerator: Accelerator, log: CollectiveLog, requests: ReportRequests):
         self.rank, self.world, self.log = accelerator.process_index, accelerator.num_processes, log
         self.requests, self._answering = requests, threading.Thread()
-        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self.prefix = f"distrnn/heartbeat/{run}"
+        self.prefix = store_prefix()
         self.store, self.beat_store = self._client(), self._client()
         self.store.set(f"{self.prefix}/who/{self.rank}",
                        json.dumps({"host": host_name(), "pid": os.getpid()}))
@@ -408,8 +407,11 @@ class Heartbeats:
         except Exception:
             return []
 
-    def report_done(self, frozen: list[dict]) -> None:
+    def report_done(self, frozen: list[dict], line: str) -> None:
+        """The report is written: its line for every machine's launcher (launcher/hang_watch.py), then the frozen
+        ranks, which the other ranks and those launchers wait for."""
         with contextlib.suppress(Exception):
+            bounded(lambda: self.store.set(f"{self.prefix}/hang/line", line), STORE_WAIT_S)
             bounded(lambda: self.store.set(f"{self.prefix}/hang/frozen", json.dumps(frozen)), STORE_WAIT_S)
 
     def stop_if_local(self, who: dict) -> bool:

@@ -9,7 +9,7 @@ it died in. So each worker of a launcher writes, while it runs:
   in memory (mmap): a store to memory, no system call, and the kernel keeps what was stored when the process dies;
 - `rank-R.stacks`: faulthandler's dump of every thread's Python stack, written by its C-level handler on the
   fatal signal;
-- `rank-R.json`: who it is (rank, node, pid) and its run folder's hang/, written once.
+- `rank-R.json`: who it is (rank, node, pid), its run folder's hang/ and where the store is, written once.
 
 The launcher (launcher/crash_report.py) reads them when torchrun's agent says a worker was killed by one of
 FATAL_SIGNALS, in a folder of its own that it names in CRASH_RECORDS_VARIABLE and removes at the end.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from distrnn.errors import host_name
+from distrnn.ranks.hang_request import store_prefix
 
 CRASH_RECORDS_VARIABLE = "DISTRNN_CRASH_RECORDS"  # set by the launcher for its workers: the folder to write in
 FATAL_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)  # faulthandler's
@@ -45,8 +46,10 @@ class CrashRecord:
 
     def __init__(self, folder: Path, rank: int, hang: Path):
         self.rank = rank
+        store = {"address": os.environ.get("MASTER_ADDR"), "port": os.environ.get("MASTER_PORT"),
+                 "prefix": store_prefix()}  # where the run's hang report is announced (launcher/hang_watch.py)
         (folder / f"rank-{rank}.json").write_text(json.dumps(
-            {"rank": rank, "host": host_name(), "pid": os.getpid(), "hang": str(hang)}))
+            {"rank": rank, "host": host_name(), "pid": os.getpid(), "hang": str(hang), "store": store}))
         with open(folder / f"rank-{rank}.record", "w+b") as f:
             f.truncate(SLOTS * SLOT)
             self._map = mmap.mmap(f.fileno(), SLOTS * SLOT)

@@ -35,6 +35,14 @@ ANSWER_WAIT_S = 30
 PREFIX = "distrnn: hang report (asked):"
 
 
+def store_prefix() -> str:
+    """Where this start's heartbeats, report requests and hang reports keep their keys in the store (torchrun's,
+    or Ray Train's process group's): read by the workers (collectives.Heartbeats) and, through each worker's
+    crash record, by its launcher (launcher/hang_watch.py)."""
+    return (f"distrnn/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
 def asked_line(line: str, folder: Path) -> str:
     """What an asked report prints: by rank 0 in the run's output, and by `distrnn hang-report`."""
     return f"{PREFIX} {line}; evidence in {folder}{os.sep}"

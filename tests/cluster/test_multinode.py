@@ -7,6 +7,7 @@ loopback), and machine 1 then waited more than 400 s, ignoring SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,11 @@ SMALL = ["--config", "smoke", "--set", "data.train_samples=640", "--no-wandb", "
 def two_machines():
     require(netns.available() is None, f"no network namespaces here: {netns.available()}")
     with netns.machines(2) as made:
-        yield made
+        try:
+            yield made
+        finally:
+            for machine in made:  # a worker a test froze, or left running, is not left behind
+                machine.lose()
     assert netns.leftovers() == []
 
 
@@ -49,9 +54,13 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # its workers too: each leads a session of its own and holds the output pipes
+            workers = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            for worker in workers:
+                with contextlib.suppress(psutil.Error):
+                    worker.kill()
+            proc.communicate(timeout=30)
     return proc.returncode, out, err
 
 
@@ -196,3 +205,31 @@ def test_a_machine_whose_network_is_cut_is_named_unreachable_with_its_last_colle
     assert (f"rank 1 (node {host}, pid {pid}) cannot reach the store on the main machine at {main.address}:" in line1
             and f"its own evidence is in {out / 'hang'}/rank-1.json" in line1), line1
     assert json.loads((out / "hang" / "rank-1.json").read_text())["pid"] == pid
+
+
+def test_a_frozen_rank_alone_on_its_machine_is_stopped_by_its_launcher_after_the_report(two_machines, tmp_path,
+                                                                                       data_dir):
+    """Machine 1's only worker frozen (SIGSTOP) while it trains: machine 0 names it and exits 3; machine 1's
+    launcher, which started it, stops it once the report is written, prints the report's line and exits 3 too.
+    Before: machine 1 waited for its frozen worker until something killed it (a SLURM job step: its time limit)."""
+    main, other = two_machines
+    out = tmp_path / "run"
+    extra = ("--data-dir", str(data_dir), "--set", "data.train_samples=6400")
+    procs = [start(main, 0, main, out, *extra, faults="slow-rank=0:300"),
+             start(other, 1, main, out, *extra, faults="slow-rank=0:300")]
+    wait_for_step(procs[0], out, 1, timeout=120)
+    [worker] = psutil.Process(procs[1].pid).children()
+    worker.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    code0, _, err0 = finish(procs[0], timeout=120)
+    code1, _, err1 = finish(procs[1], timeout=60)
+    elapsed1 = time.monotonic() - frozen
+    assert code0 == 3, err0[-2000:]
+    report = json.loads((out / "hang" / "report.json").read_text())
+    assert report["frozen"] == [1] and report["ranks"]["1"]["pid"] == worker.pid
+    assert code1 == 3 and elapsed1 < 20 + 20, f"{code1} after {elapsed1:.0f} s: {err1[-2000:]}"
+    host = socket.gethostname().split(".")[0]
+    assert stderr_lines(err1) == [
+        f"distrnn: worker rank 1 (node {host}, pid {worker.pid}) was stopped by its launcher after the run's hang "
+        f"report: {report['line']}; evidence in {out / 'hang'}/ on the main machine"], err1[-2000:]
+    assert not psutil.pid_exists(worker.pid) or psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE
