@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -93,13 +96,19 @@ def counts(output: str) -> list[tuple[int, int]]:
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a process started with pipes; its whole session killed at the timeout."""
+    """(exit code, stdout, stderr) of a process started with pipes; at the timeout its whole session is killed,
+    and its children in sessions of their own (torchrun's workers, which hold its pipes: a frozen one would
+    keep them open for ever)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            out, err = proc.communicate(timeout=30)
     return proc.returncode, out, err
 
 

@@ -28,8 +28,11 @@ from distrnn.ranks.crash_record import read
 # A rank in the failed collective ends within moments of the announcement (collectives.Heartbeats.await_report
 # returns then); a busy one would run on until its next collective, however long its step.
 GRACE_S = 10
-WAIT_S = 5  # each wait in the store: the watch ends at most this long after its start ends
-CONNECT_S = 30  # TCPStore's own connect timeout for the watch's client
+# Every call into the store is short, and close() joins the thread: a thread still inside a TCPStore call when
+# the launcher exits makes the process abort ("terminate called without an active exception", exit -6: seen
+# in 10 of 351 tests with 5 s waits). A short wait still returns the moment the key is set.
+WAIT_S = 0.5
+CONNECT_S = 1
 
 
 class HangWatch(threading.Thread):
@@ -54,9 +57,9 @@ class HangWatch(threading.Thread):
         frozen = {who["pid"] for who in json.loads(store.get(f"{prefix}/hang/frozen"))
                   if who.get("host") == host_name()}
         self.hang = next(iter(workers.values()))["hang"]
-        self._stop({pid: w["rank"] for pid, w in workers.items() if pid in frozen})
+        self._end_workers({pid: w["rank"] for pid, w in workers.items() if pid in frozen})
         if not self.done.wait(GRACE_S):
-            self._stop({pid: w["rank"] for pid, w in workers.items()})
+            self._end_workers({pid: w["rank"] for pid, w in workers.items()})
 
     def _workers(self) -> dict[int, dict]:
         """This start's workers' records ({pid: record}), once the first of them wrote its record."""
@@ -75,11 +78,13 @@ class HangWatch(threading.Thread):
             return None, ""
         import torch.distributed as dist  # the agent imported torch already; the planning side never does
 
-        try:
-            return dist.TCPStore(where["address"], int(where["port"]), is_master=False,
-                                 timeout=timedelta(seconds=CONNECT_S)), where["prefix"]
-        except Exception:  # the start ended before the watch connected: nothing to watch
-            return None, ""
+        while not self.done.is_set():
+            try:
+                return dist.TCPStore(where["address"], int(where["port"]), is_master=False,
+                                     timeout=timedelta(seconds=CONNECT_S)), where["prefix"]
+            except Exception:  # not up yet, or gone with the start: tried again until this start ends
+                self.done.wait(CONNECT_S)
+        return None, ""
 
     def _announced(self, store, prefix: str) -> bool:
         """Wait until a report is announced (True), or this start ends or the store goes with it (False)."""
@@ -92,7 +97,7 @@ class HangWatch(threading.Thread):
                     return False
         return False
 
-    def _stop(self, workers: dict[int, int]) -> None:
+    def _end_workers(self, workers: dict[int, int]) -> None:
         for pid, rank in workers.items():
             with contextlib.suppress(psutil.Error):
                 process = psutil.Process(pid)
@@ -109,4 +114,6 @@ class HangWatch(threading.Thread):
 
     def close(self) -> None:
         self.done.set()
+        if self.is_alive():
+            self.join(timeout=2 * CONNECT_S + WAIT_S)
 

@@ -163,7 +163,8 @@ def test_a_frozen_pod_s_rank_ends_the_job_with_exit_3_and_the_evidence_on_the_sh
                                                                                             data_dir):
     """Node 1's worker frozen (SIGSTOP) once the pods train: node 0's pod names it within the collective timeout
     (20 s in the pod command) + 20 s, exits 3, and RUN/hang/ on the shared volume holds the report and node 0's
-    evidence. JobSet then restarts the whole set, ending the frozen pod: so does the test."""
+    evidence; node 1's launcher then ends its frozen worker and exits 3 too (a pod that fails is what JobSet
+    restarts the set for)."""
     out = tmp_path / "runs" / "distrnn"
     procs = start_pods(two_pods, pod_command(tmp_path, data_dir), trainer_v2)
     try:
@@ -176,10 +177,12 @@ def test_a_frozen_pod_s_rank_ends_the_job_with_exit_3_and_the_evidence_on_the_sh
         frozen = time.monotonic()
         code0, _, err0 = finish(procs[0], timeout=120)
         assert time.monotonic() - frozen < 20 + 20, f"{time.monotonic() - frozen:.0f} s"
+        code1, _, err1 = finish(procs[1], timeout=30)
     finally:
-        kill_pod(procs[1])
-        finish(procs[1], timeout=30)
+        if procs[1].poll() is None:
+            kill_pod(procs[1])
     assert code0 == 3, err0[-3000:]
+    assert code1 == 3 and "was stopped by its launcher after the run's hang report: rank 1" in err1, err1[-3000:]
     bundle = read_bundle(out)
     assert {"rank-0.json", "report.json"} <= set(bundle), sorted(bundle)
     line = bundle["report.json"]["line"]

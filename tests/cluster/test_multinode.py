@@ -7,7 +7,6 @@ loopback), and machine 1 then waited more than 400 s, ignoring SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests import netns
+from tests import helpers, netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, distrnn, process_env, wait_for_step
 
@@ -51,17 +50,7 @@ def start(machine: netns.Machine, rank: int, main: netns.Machine, out, *extra: s
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:  # its workers too: each leads a session of its own and holds the output pipes
-            workers = psutil.Process(proc.pid).children(recursive=True)
-            os.killpg(proc.pid, signal.SIGKILL)
-            for worker in workers:
-                with contextlib.suppress(psutil.Error):
-                    worker.kill()
-            proc.communicate(timeout=30)
-    return proc.returncode, out, err
+    return helpers.finish(proc, timeout)
 
 
 def stderr_lines(err: str) -> list[str]:
