@@ -156,6 +156,15 @@ def test_a_worker_whose_launcher_is_killed_ends_itself_and_the_run_ends(two_mach
     assert "Traceback" not in err0
 
 
+def training_for_a_while(main: netns.Machine, other: netns.Machine, out, data_dir) -> list[subprocess.Popen]:
+    """Both machines' launchers, once machine 0 logged step 1 of a run that lasts (rank 0 300 ms slower a step)."""
+    extra = ("--data-dir", str(data_dir), "--set", "data.train_samples=6400")
+    procs = [start(main, 0, main, out, *extra, faults="slow-rank=0:300"),
+             start(other, 1, main, out, *extra, faults="slow-rank=0:300")]
+    wait_for_step(procs[0], out, 1, timeout=120)
+    return procs
+
+
 def test_a_machine_whose_network_is_cut_is_named_unreachable_with_its_last_collective(two_machines, tmp_path,
                                                                                      data_dir):
     """Machine 1's link goes down while it trains (rank 0 300 ms slower a step, so the run lasts): its heartbeats
@@ -166,10 +175,7 @@ def test_a_machine_whose_network_is_cut_is_named_unreachable_with_its_last_colle
     report.json that said nothing over machine 0's."""
     main, other = two_machines
     out = tmp_path / "run"
-    extra = ("--data-dir", str(data_dir), "--set", "data.train_samples=6400")
-    procs = [start(main, 0, main, out, *extra, faults="slow-rank=0:300"),
-             start(other, 1, main, out, *extra, faults="slow-rank=0:300")]
-    wait_for_step(procs[0], out, 1, timeout=120)
+    procs = training_for_a_while(main, other, out, data_dir)
     other.cut()
     cut = time.monotonic()
     code0, _, err0 = finish(procs[0], timeout=120)
@@ -203,10 +209,7 @@ def test_a_frozen_rank_alone_on_its_machine_is_stopped_by_its_launcher_after_the
     Before: machine 1 waited for its frozen worker until something killed it (a SLURM job step: its time limit)."""
     main, other = two_machines
     out = tmp_path / "run"
-    extra = ("--data-dir", str(data_dir), "--set", "data.train_samples=6400")
-    procs = [start(main, 0, main, out, *extra, faults="slow-rank=0:300"),
-             start(other, 1, main, out, *extra, faults="slow-rank=0:300")]
-    wait_for_step(procs[0], out, 1, timeout=120)
+    procs = training_for_a_while(main, other, out, data_dir)
     [worker] = psutil.Process(procs[1].pid).children()
     worker.send_signal(signal.SIGSTOP)
     frozen = time.monotonic()
