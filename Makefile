@@ -35,7 +35,7 @@ test: $(STAMP)
 
 # Every tier, as CI runs it (.ci/run): cluster/ needs root and a SLURM cluster; CPU only, real MNIST.
 # One test at a time (TEST_WORKERS=0). TEST_WORKERS=2 runs two pytest-xdist workers (tests/conftest.py keeps
-# each module on one worker and the cluster tier in one queue): 22 min instead of 28 on 2 cores, but 3 of 4
+# each module on one worker and the cluster tier in one queue): 22 min instead of 29 on 2 cores, but 3 of 4
 # such runs failed one test a neighbour disturbed (docs/contributing.md, "The suite's time").
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) -v --durations=25 tests $(ARGS)
