@@ -109,34 +109,37 @@ def slow_down(rank: int) -> None:
         time.sleep(float(value.split(":")[1]) / 1000)
 
 
+def _collective_chosen(fault: str, seq: int, op: str, async_op: bool) -> list[str] | None:
+    """`fault`=R:N[:...]: its values on rank R's first synchronous all_reduce from its Nth collective on (once per
+    process, for skip-collective and shape-mismatch together), else None."""
+    if f"{fault}=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
+        return None
+    values = _active()[fault].split(":")
+    if op != "all_reduce" or async_op or values[0] != os.environ.get("RANK", "0") or seq < int(values[1]) \
+            or _changed:
+        return None
+    _changed.append(seq)
+    return values
+
+
+_changed: list[int] = []  # the one collective this process's skip-collective or shape-mismatch changed
+
+
 def skip_collective(seq: int, op: str, async_op: bool) -> bool:
     """skip-collective=R:N, in collective_log's wrapper: True for rank R's first synchronous all_reduce from its
     Nth collective on (skipped: its tensor keeps its own values, as when the call is not made)."""
-    if "skip-collective=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
-        return False
-    rank, target = _active()["skip-collective"].split(":")
-    if op != "all_reduce" or async_op or rank != os.environ.get("RANK", "0") or seq < int(target) or _skipped:
-        return False
-    _skipped.append(seq)
-    return True
-
-
-_skipped: list[int] = []  # skip-collective skips one collective per process, shape-mismatch changes one
+    return _collective_chosen("skip-collective", seq, op, async_op) is not None
 
 
 def mismatch_shape(seq: int, op: str, async_op: bool, args: tuple) -> tuple:
     """shape-mismatch=R:N:D, in collective_log's wrapper: rank R's first synchronous all_reduce from its Nth
     collective on gets a tensor D elements longer or shorter (its own tensor is left as it was)."""
-    if "shape-mismatch=" not in os.environ.get("DISTRNN_FAULTS", ""):  # every collective of every run passes here
+    chosen = _collective_chosen("shape-mismatch", seq, op, async_op) if args else None
+    if chosen is None:
         return args
-    rank, target, difference = _active()["shape-mismatch"].split(":")
-    if not args or op != "all_reduce" or async_op or rank != os.environ.get("RANK", "0") or seq < int(target) \
-            or _skipped:
-        return args
-    _skipped.append(seq)
     import torch  # only here: this module is imported by the launcher, which must not import torch for it
 
-    flat, delta = args[0].flatten(), int(difference)
+    flat, delta = args[0].flatten(), int(chosen[2])
     changed = torch.cat([flat, flat[:delta]]) if delta > 0 else flat[:delta].clone()
     return (changed, *args[1:])
 
