@@ -113,17 +113,20 @@ def test_a_signal_ends_a_machine_waiting_for_its_main_machine_within_seconds(two
 
 def test_a_main_machine_killed_during_set_up_ends_the_other_within_the_collective_timeout(two_machines, tmp_path,
                                                                                         data_dir):
-    """Machine 0 is lost (its launcher, workers and the rendezvous store with them) as soon as its worker
-    starts: machine 1's worker is then joining the process group, which it cannot finish. (Killing machine 0's
-    launcher alone left its worker, in a session of its own, running for 45 s.)"""
+    """Machine 0 is lost (its launcher, workers and the rendezvous store with them) as soon as both machines
+    started their workers: machine 1's worker is then joining the process group, which it cannot finish, or has
+    just joined it. (Killing machine 0's launcher alone left its worker, in a session of its own, running for
+    45 s.) Killed as soon as machine 0's worker alone existed, machine 1's launcher could still be in the
+    rendezvous (seen once in four suite runs, two tests at a time): that is an absent main machine, which ends after
+    --rendezvous-timeout (test_a_machine_whose_main_machine_never_comes_ends_by_itself_with_one_line)."""
     main, other = two_machines
     out = tmp_path / "run"
     ten = ("--set", "train.collective_timeout_s=10")
     main_proc = start(main, 0, main, out, "--data-dir", str(data_dir), *ten)
     other_proc = start(other, 1, main, out, "--data-dir", str(data_dir), *ten)
     deadline = time.monotonic() + 120
-    while not psutil.Process(main_proc.pid).children():
-        assert time.monotonic() < deadline and main_proc.poll() is None, "machine 0 started no worker"
+    while not all(psutil.Process(proc.pid).children() for proc in (main_proc, other_proc)):
+        assert time.monotonic() < deadline and None is main_proc.poll() is other_proc.poll(), "no worker started"
         time.sleep(0.05)
     killed = time.monotonic()
     main.lose()
@@ -132,7 +135,7 @@ def test_a_main_machine_killed_during_set_up_ends_the_other_within_the_collectiv
     assert time.monotonic() - killed < 10 + 20
     assert code != 0
     [line] = stderr_lines(err)
-    assert "Traceback" not in err and (f"{main.address}:29613" in line), line
+    assert "Traceback" not in err and main.address in line, line  # the store's address, or gloo's peer
 
 
 def test_a_worker_whose_launcher_is_killed_ends_itself_and_the_run_ends(two_machines, tmp_path, data_dir):
