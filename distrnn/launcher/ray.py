@@ -6,7 +6,9 @@ system every node shares, as for the other launchers). Each verified distrnn che
 where it lies (not copied: CheckpointUploadMode.NO_UPLOAD), so after a worker or a node is lost Ray restarts
 the workers (FailureConfig max_failures) and they resume from the run folder's newest verified checkpoint:
 Ray's latest registered one, or a newer one published but not yet registered by Ray when the failure came.
-W&B and the exact counts come from the main worker only, as everywhere. A range of
+W&B and the exact counts come from the main worker only, as everywhere. A stop request (SIGTERM or SIGUSR1 to
+the driver: a preemption notice) is passed to the workers through the run folder (distrnn.ranks.preemption):
+they save a checkpoint at one agreed step and stop, the driver exits 75, and the same command resumes. A range of
 workers (`--num-workers 2-4`) is Ray Train's elastic mode (Ray 2.60: ScalingConfig(num_workers=(min, max))):
 distrnn resumes on the new number of workers with the global batch kept (distrnn.run.layout.resume_layout).
 
@@ -28,6 +30,7 @@ from distrnn.config.options import config_options, overrides_from
 from distrnn.config.schema import load_config
 from distrnn.errors import ConfigError, DistrnnError, PeerLost, exit_status, first_line, run_cli
 from distrnn.ranks.devices import USE_CPU_VARIABLE
+from distrnn.ranks.preemption import REQUEUE_EXIT_CODE, STOP_FILE, STOP_FILE_VARIABLE, STOP_SIGNALS, StoppedOnRequest
 from distrnn.run.hold import RUN_ID_VARIABLE
 from distrnn.testing import faults
 
@@ -91,7 +94,9 @@ def run_on_ray(worker_args: list[str], address: str | None, workers: int | tuple
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=True, configure_logging=True)
     run_folder = Path(output_dir).resolve()
-    env = {**({USE_CPU_VARIABLE: "true"} if use_cpu else {}), **faults.for_workers()}
+    stop = StopFile(run_folder / STOP_FILE)  # after ray.init, whose own SIGTERM handler ends the driver at once
+    env = {**({USE_CPU_VARIABLE: "true"} if use_cpu else {}), **faults.for_workers(),
+           STOP_FILE_VARIABLE: str(stop.path)}
     trainer = TorchTrainer(
         _train, train_loop_config={"args": worker_args, "env": {**env, RUN_ID_VARIABLE: f"ray-{os.getpid()}"}},
         torch_config=torch_config("gloo" if use_cpu else "nccl", timeout_s),
@@ -106,7 +111,43 @@ def run_on_ray(worker_args: list[str], address: str | None, workers: int | tuple
         failed = DistrnnError(f"the Ray run failed after {max_failures} restart(s) (--max-failures): {why}")
         failed.exit_code = code
         raise failed from None
+    stop.end_of_run()
     return 0
+
+
+class StopFile:
+    """The driver's side of a stop request: SIGTERM or SIGUSR1 (a preemption notice, `scancel`) writes the
+    signal's name to RUN/stop-request, which each worker reads at its next check (preemption.StopRequest). The
+    main worker removes the file once every rank saved and stopped (`_train`). Ray's own handler would end the
+    driver and with it the workers: everything since the last periodic checkpoint would be trained again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.signal: signal.Signals | None = None
+        path.unlink(missing_ok=True)  # a request an earlier start of this run already answered, or never read
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None:
+            return
+        self.signal = signal.Signals(signum)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        partial.write_text(self.signal.name)
+        partial.replace(self.path)  # whole or absent: a worker never reads half a name
+        click.echo(f"distrnn: {self.signal.name}: the Ray workers save a checkpoint at their next check and stop",
+                   err=True)
+
+    def end_of_run(self) -> None:
+        """After the workers ended without a failure: stopped on the request (exit 75), or finished first."""
+        if self.signal is None:
+            return
+        if self.path.exists():  # the run finished before a check read the request
+            self.path.unlink()
+            return
+        raise StoppedOnRequest(f"stopped by {self.signal.name}: the Ray workers saved a checkpoint in "
+                               f"{self.path.parent}/checkpoints; run the same command again to resume")
 
 
 def outcome(error: BaseException) -> tuple[int, str]:
@@ -165,6 +206,10 @@ def _train(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     args = restart_args(config["args"], checkpoint.path if checkpoint is not None else None)
     code = exit_status(run_cli(ray_worker, prog="distrnn.train", args=args))
+    if code == REQUEUE_EXIT_CODE:  # stopped on the driver's request after a checkpoint: not a failure to restart
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(os.environ[STOP_FILE_VARIABLE]).unlink(missing_ok=True)  # answered (StopFile.end_of_run)
+        return
     if code:
         raise WorkerFailed(code)
 

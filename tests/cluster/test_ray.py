@@ -10,6 +10,7 @@ import json
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import require
-from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env, read_bundle
+from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env, read_bundle, wait_for_step
 
 PORT = 6379
 TRAIN = ["--mode", "cpu", "--config", "smoke", "--set", "data.train_samples=4000", "--no-wandb",
@@ -211,6 +212,38 @@ def test_a_hang_ends_the_ray_run_with_exit_3_and_the_evidence_in_its_run_folder(
                         r"all_reduce #\d+", line), line
     assert line in result.stdout + result.stderr
     assert bundle["rank-0.json"]["environment"]["DISTRNN_FAULTS"] == "slow-rank=1:600000"
+
+
+def test_sigterm_to_the_driver_saves_a_checkpoint_exits_75_and_the_same_command_resumes_from_it(tmp_path, data_dir,
+                                                                                               ray):
+    """A preemption notice under Ray: SIGTERM to the driver while the workers train (rank 0 300 ms slower a step,
+    so that the run lasts; no periodic checkpoint, so the one after the notice is the only one). Before: Ray's
+    own handler ended the driver and its workers with it, and the restart trained again every step since the
+    last periodic checkpoint."""
+    out = tmp_path / "run"
+    command = (ray.head, ray.temp, out, data_dir, "--max-failures", "0", "--set", "checkpoint.every_steps=1000")
+    proc = train_on_ray(*command, env={"DISTRNN_FAULTS": "slow-rank=0:300"})
+    wait_for_step(proc, out, 2, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    code, stdout, stderr = finish(proc, timeout=120)
+    assert code == 75, stdout[-3000:] + stderr[-3000:]
+    [saved] = sorted((out / "checkpoints").glob("step-*"))
+    step = int(saved.name.removeprefix("step-"))
+    assert 2 <= step < 32, saved
+    assert drivers_own_lines(stderr)[-2:] == [
+        "distrnn: SIGTERM: the Ray workers save a checkpoint at their next check and stop",
+        f"distrnn: error: stopped by SIGTERM: the Ray workers saved a checkpoint in {out}/checkpoints; run the same "
+        "command again to resume"], stderr[-3000:]
+    assert f"stopped by SIGTERM at step {step}; checkpoint {saved} saved" in without_ray_prefixes(stdout + stderr)
+    assert not (out / "stop-request").exists()
+
+    code, stdout, stderr = finish(train_on_ray(*command), timeout=300)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    own = without_ray_prefixes(stdout)
+    assert f"resumed from {saved}" in own, own[-3000:]
+    assert [seen for _, seen in counts(own)[-2:]] == [4000, 10_000]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 32, summary
 
 
 def main_worker_ip(stdout: str, driver_ip: str) -> str:
