@@ -193,10 +193,11 @@ def test_sigusr2_to_a_healthy_run_prints_where_each_rank_is_and_the_run_finishes
     # Where a healthy run is depends on the moment (seen: rank 1 busy in its 500 ms step while rank 0 waits; both
     # busy; both in start-up's all_gather_object): every rank named is named with its own pid, none is frozen.
     named = re.findall(rf"rank (\d) \(node {HOST}, pid (\d+)\)", line)
-    assert (named or "ranks 0,1 all wait in " in line) and "frozen" not in line, line
+    assert (named or "ranks 0,1 all wait in " in line) and " is frozen" not in line, line  # not "none frozen"
     assert all(int(pid) == pids[int(rank)] for rank, pid in named) and bundle["report.json"]["line"] in line, line
     assert line.endswith(f"; evidence in {out / 'hang'}/"), line
     assert sorted(bundle) == ["rank-0.json", "rank-1.json", "report.json"] and bundle["report.json"]["asked"]
+    assert bundle["report.json"]["frozen"] == []
     assert [own["pid"] for own in (bundle["rank-0.json"], bundle["rank-1.json"])] == pids
     assert counts(stdout)[-1][1] == 500
 
