@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -141,8 +141,13 @@ class CheckpointConfig:
     resume: str = key("auto", help="auto: the newest complete checkpoint in the run folder; never: start afresh; or a "
                       "PATH (a checkpoints/step-* folder or a run folder).",
                       resume=FREE)
-    every_steps: int | None = key(500, help="Optimizer steps between checkpoints (also at every epoch end); "
-                                  "null: epoch ends only.", resume=FREE)
+    every_steps: int | Literal["auto"] | None = key(
+        500, help="Optimizer steps between checkpoints (also at every epoch end); null: epoch ends only; auto: the "
+        "interval that wastes least time for the measured save cost and checkpoint.mtbf_s (Young/Daly: "
+        "sqrt(2 x save seconds x mtbf_s), re-measured at every save; docs/checkpoints.md).", resume=FREE)
+    mtbf_s: float | None = key(None, help="Expected seconds of training between failures, for every_steps: auto; "
+                               "null: from this run's own history, (training seconds so far + 3600) / "
+                               "(interruptions so far + 1), where an interruption is any resume.", resume=FREE)
     keep: int = key(3, help="Newest complete checkpoints kept.", resume=FREE)
     keep_best: bool = key(False, help="Keep the model with the best validation accuracy in RUN/best/ (needs "
                           "data.val_samples).", resume=FREE)
@@ -347,9 +352,14 @@ def validate(cfg: Config) -> None:
     _check(profile is None or (profile.count("-") == 1 and all(p.isdigit() for p in profile.split("-"))
                                and 1 <= int(profile.split("-")[0]) <= int(profile.split("-")[1])),
            f"config key 'train.profile_steps' must be A-B with 1 <= A <= B (e.g. 10-15) or null, got {profile!r}")
-    every = cfg.checkpoint.every_steps
-    _check(every is None or every > 0, f"config key 'checkpoint.every_steps' must be > 0 or null, got {every}")
-    _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume' must be auto, never or a path")
+    _validate_checkpoint(cfg.checkpoint)
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _check(c.every_steps is None or c.every_steps == "auto" or c.every_steps > 0,
+           f"config key 'checkpoint.every_steps' must be > 0, auto or null, got {c.every_steps}")
+    _check(c.mtbf_s is None or c.mtbf_s > 0, f"config key 'checkpoint.mtbf_s' must be > 0 or null, got {c.mtbf_s}")
+    _check(bool(c.resume), "config key 'checkpoint.resume' must be auto, never or a path")
 
 
 def _validate_holdout(cfg: Config) -> None:

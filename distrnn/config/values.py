@@ -44,17 +44,28 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(args[0])}"
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(map(str, args))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce_union(name: str, value: Any, tp: Any, from_text: bool) -> Any:
+    """null, or the first member the value fits, in the order declared (an integer before auto)."""
+    if value is None or (from_text and str(value).lower() in ("null", "none")):
+        return None
+    for member in [a for a in typing.get_args(tp) if a is not type(None)]:
+        try:
+            return coerce(name, value, member, from_text)
+        except ConfigError:
+            pass
+    raise ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
 
 
 def coerce(name: str, value: Any, tp: Any, from_text: bool) -> Any:
     """Check `value` against the annotation `tp`; text from the command line is parsed first."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (from_text and str(value).lower() in ("null", "none")):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return coerce(name, value, inner, from_text)
+        return _coerce_union(name, value, tp, from_text)
     wrong = ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
         if from_text and isinstance(value, str):
@@ -86,6 +97,10 @@ def coerce(name: str, value: Any, tp: Any, from_text: bool) -> Any:
                 raise wrong from None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
+        raise wrong
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
         raise wrong
     if tp is str:
         if isinstance(value, str):

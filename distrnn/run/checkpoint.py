@@ -26,6 +26,7 @@ from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, set_seed
 from distrnn.errors import DistrnnError
 from distrnn.ranks.collectives import agree, from_main, main_print
 from distrnn.run import integrity
+from distrnn.run.cadence import Cadence
 from distrnn.run.folder import CheckpointFolder, RunFolder
 from distrnn.run.hold import FolderHold
 from distrnn.run.layout import Layout, position_in, resumed_rng_seed
@@ -45,6 +46,7 @@ class Position:
     global_step: int = 0  # optimizer steps, applied or skipped
     skipped_updates: int = 0  # of those, the fp16 grad scaler skipped (an overflow): the schedule did not advance
     train_seconds: float = 0.0
+    interruptions: int = 0  # resumes so far: checkpoint.every_steps auto's history of failures (run/cadence.py)
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation during training
 
 
@@ -192,6 +194,8 @@ class Checkpointer:
         self.written: set[Path] = {start.checkpoint.path} if start.checkpoint else set()
         self.say = main_print(accelerator)
         self.bytes = checkpoint_bytes
+        self.cadence = Cadence(self.cfg.checkpoint.every_steps, self.cfg.checkpoint.mtbf_s)
+        self.last_save = (0, 0.0)  # (global step, training seconds) of the last save or the start: the step time
         accelerator.register_save_state_pre_hook(untie_weights)
         accelerator.register_load_state_pre_hook(load_weights)
 
@@ -200,7 +204,7 @@ class Checkpointer:
         stands (the beginning for a fresh start)."""
         found, meta, acc = start.checkpoint, start.meta, self.accelerator
         if found is None:
-            return Position()
+            return self.planned(Position())
 
         def load() -> None:
             faults.fail_startup("checkpoint", acc.process_index)
@@ -215,6 +219,7 @@ class Checkpointer:
                 group["lr"] = self.cfg.optim.lr
         now = Layout.configured(self.cfg, acc.num_processes)
         position = Position(**position_in(meta, now))
+        position.interruptions += 1
         if now.processes != Layout.saved_in(meta).processes:  # the saved RNG states cannot be shared out
             set_seed(resumed_rng_seed(self.cfg.train.seed, position.global_step, acc.process_index))
         # accumulate() ends an update when Accelerate's micro-batch counter (Accelerator.step) reaches a multiple
@@ -227,7 +232,17 @@ class Checkpointer:
         acc.step = position.step_in_epoch % batches_per_epoch
         self.say(f"resumed from {found.path}: epoch {position.epoch + 1}, batch {position.step_in_epoch} of "
                  f"{batches_per_epoch}, step {position.global_step}")
+        return self.planned(position)
+
+    def planned(self, position: Position) -> Position:
+        """The periodic saves are planned from where training starts."""
+        self.cadence.start(position.global_step)
+        self.last_save = (position.global_step, position.train_seconds)
         return position
+
+    def due(self, global_step: int) -> bool:
+        """A periodic checkpoint at this optimizer step (the trainer adds epoch ends and stops)."""
+        return self.cadence.due(global_step)
 
     def save(self, position: Position, model, wandb_id: str | None) -> Path:
         start = time.perf_counter()
@@ -239,11 +254,23 @@ class Checkpointer:
         path = write_checkpoint(self.accelerator, self.folder, position, meta, keep=self.cfg.checkpoint.keep,
                                 needed_bytes=self.bytes + 2**20,
                                 tensors=list(self.accelerator.unwrap_model(model).state_dict()))
-        self.say(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        seconds = time.perf_counter() - start
+        self.say(f"checkpoint {path} ({seconds:.2f} s)")
         self.written.add(path)
+        self.plan_next(position, seconds)
         if self.on_saved is not None:
             self.on_saved(path, position.global_step)
         return path
+
+    def plan_next(self, position: Position, save_s: float) -> None:
+        """checkpoint.every_steps auto: the next periodic save from this one's cost and the steps since the last."""
+        steps, seconds = position.global_step - self.last_save[0], position.train_seconds - self.last_save[1]
+        self.last_save = (position.global_step, position.train_seconds)
+        line = self.cadence.saved(self.accelerator, position.global_step, save_s,
+                                  seconds / steps if steps > 0 else None, position.train_seconds,
+                                  position.interruptions)
+        if line:
+            self.say(line)
 
     def refuse_anothers(self, step: int) -> None:
         """save() keeps a published step-N as it is: this run's (a stop right after a periodic save), never

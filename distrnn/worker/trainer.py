@@ -198,7 +198,7 @@ class Trainer:
         self.profile.at(self.position.global_step)
         step, mid_epoch = self.position.global_step, self.position.step_in_epoch < len(self.loader)
         log = step % self.cfg.train.log_every == 0
-        save = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0 and mid_epoch
+        save = self.checkpointer.due(step) and mid_epoch
         evaluate = bool(self.cfg.train.eval_every) and step % self.cfg.train.eval_every == 0 and mid_epoch
         if step % CHECK_EVERY == 0 or log or save or evaluate:  # nothing is logged, saved or evaluated unchecked
             self.stop_if_requested_or_nonfinite()

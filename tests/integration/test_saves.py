@@ -72,3 +72,25 @@ def test_a_run_folder_without_its_manifest_is_refused_by_every_command_that_load
             f"'{run.model}' cannot be verified: {run.manifest} is missing (distrnn writes it with every model file); "
             "copy it along with the model file, or use a checkpoint of the run (--checkpoint RUN/checkpoints/step-N)")
     assert not (tmp_path / "exported.pt").exists()
+
+
+def test_auto_cadence_saves_at_the_interval_it_computed_and_both_ranks_agree(tmp_path, data_dir):
+    """checkpoint.every_steps=auto: a probe save at step 20, then each save's measured cost and step time give the
+    next periodic save's step (Young/Daly), the same on both ranks (a rank deciding alone would hang the save)."""
+    steps = 160
+    result = distrnn("train", "--mode", "cpu", "--num-processes", str(PROCESSES), *SMALL,
+                     "--set", f"data.train_samples={steps * PROCESSES * BATCH}", "--set", "checkpoint.every_steps=auto",
+                     "--set", "checkpoint.mtbf_s=2", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = re.findall(r"^checkpoint \S+/step-(\d+) \(|^checkpoint every (\d+) steps \(([\d.]+) s\): a save costs "
+                        r"([\d.]+) s, a step ([\d.]+) ms, failures expected every (\d+) s$", result.stdout, re.M)
+    saves = [int(e[0]) for e in events if e[0]]
+    plans = [(int(e[1]), float(e[3]), float(e[4]) / 1000, float(e[5])) for e in events if e[1]]
+    assert saves[0] == 20 and saves[-1] == steps  # the probe, and the epoch's end
+    assert len(plans) == len(saves) >= 4  # a plan after every save (each followed steps)
+    for (saved, next_saved), (interval, save_s, step_s, mtbf_s) in zip(zip(saves, saves[1:]), plans):
+        assert mtbf_s == 2
+        assert next_saved == min(saved + interval, steps)  # the epoch end comes first, or the planned step
+        young_daly = (2 * save_s * mtbf_s) ** 0.5 / step_s  # from the printed (rounded) figures
+        assert abs(interval - young_daly) <= max(1.0, 0.1 * young_daly)

@@ -65,6 +65,14 @@ def test_override_text_is_parsed_by_type():
     assert build_config(overrides=["optim.grad_clip=null"]).optim.grad_clip is None
 
 
+def test_checkpoint_every_steps_is_a_number_auto_or_null_from_text_and_yaml(tmp_path):
+    assert [build_config(overrides=[f"checkpoint.every_steps={v}"]).checkpoint.every_steps
+            for v in ("25", "auto", "null")] == [25, "auto", None]
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  every_steps: auto\n  mtbf_s: 60\n")
+    assert (load_config(path).checkpoint.every_steps, load_config(path).checkpoint.mtbf_s) == ("auto", 60.0)
+
+
 def test_yaml_float_without_dot_is_a_number(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 1e-3\n")  # PyYAML reads this as the string '1e-3'
@@ -91,6 +99,10 @@ def test_yaml_float_without_dot_is_a_number(tmp_path):
         (["wandb.enabled=maybe"], "config key 'wandb.enabled' must be true or false, got 'maybe'"),
         (["epochs"], "override 'epochs' must look like key=value"),
         (["data.test_samples=10001"], "config key 'data.test_samples' must be null or 1..10000, got 10001"),
+        (["checkpoint.every_steps=often"],
+         "config key 'checkpoint.every_steps' must be an integer or auto or null, got 'often'"),
+        (["checkpoint.every_steps=0"], "config key 'checkpoint.every_steps' must be > 0, auto or null, got 0"),
+        (["checkpoint.mtbf_s=0"], "config key 'checkpoint.mtbf_s' must be > 0 or null, got 0.0"),
     ],
 )
 def test_bad_overrides_are_rejected_with_a_clear_message(overrides, message):
