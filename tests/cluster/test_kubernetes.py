@@ -1,5 +1,5 @@
 """Kubernetes by contract: no control plane can be installed here, so what a Kubeflow Trainer v2 TrainJob (and a
-PyTorchJob) gives a pod is reproduced exactly: two "pods" with network stacks of their own (tests/netns.py),
+PyTorchJob) gives a pod is reproduced exactly: two "pods" with network stacks of their own (distrnn/testing/netns.py),
 the master's service name resolving inside them only, exactly the variables the operator sets, and the pod
 command `distrnn k8s-manifest` writes. JobSet restarts the whole set on a failure: so does the test."""
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from tests import netns
+from distrnn.testing import netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, distrnn, finish, process_env, read_bundle
 

@@ -1,4 +1,4 @@
-"""Several machines with network stacks of their own (network namespaces joined by a bridge: tests/netns.py),
+"""Several machines with network stacks of their own (network namespaces joined by a bridge: distrnn/testing/netns.py),
 on a host whose name resolves to 127.0.0.1, as Debian's default /etc/hosts and many containers have it.
 
 Before: machine 0 died with a raw `Gloo connectFullMesh failed ... remote=[127.0.0.1]` (gloo advertised
@@ -18,7 +18,8 @@ import time
 import psutil
 import pytest
 
-from tests import helpers, netns
+from distrnn.testing import netns
+from tests import helpers
 from tests.conftest import require
 from tests.helpers import BIN, REPO, counts, distrnn, process_env, wait_for_step
 

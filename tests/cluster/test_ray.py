@@ -1,4 +1,4 @@
-"""Ray Train for real: a Ray head node and a worker node with network stacks of their own (tests/netns.py),
+"""Ray Train for real: a Ray head node and a worker node with network stacks of their own (distrnn/testing/netns.py),
 `distrnn train --launcher ray` with 2 workers spread over both, a node lost after the first checkpoint and
 rejoined, and --max-failures 0 failing fast. One cluster for the module; every Ray process is started with a
 temp dir of the module's own and killed by the network namespace it runs in (`ray stop` would stop every Ray
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import netns
+from distrnn.testing import netns
 from tests.conftest import require
 from tests.helpers import BIN, REPO, WANDB_OFFLINE, counts, finish, process_env, read_bundle, wait_for_step
 

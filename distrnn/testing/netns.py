@@ -1,4 +1,5 @@
-"""Machines with network stacks of their own, for tests of what crosses a network: Linux network namespaces,
+"""Machines with network stacks of their own, for tests of what crosses a network and for the fault campaign
+(benchmarks/faults.py): Linux network namespaces,
 one per machine, each with one veth interface plugged into a bridge in a namespace of its own (the switch).
 
 Every address exists only inside namespaces made here (10.201.N.0/24, N from the test's process id); nothing
@@ -54,15 +55,21 @@ class Machine:
         """This machine's link down: its processes run on, and nothing reaches them or leaves."""
         _ip("-n", self.namespace, "link", "set", self.interface, "down")
 
+    def mend(self) -> None:
+        """This machine's link up again (after `cut`)."""
+        _ip("-n", self.namespace, "link", "set", self.interface, "up")
+
+    def pids(self) -> list[int]:
+        return [int(pid) for pid in _ip("netns", "pids", self.namespace, check=False).stdout.split()]
+
     def lose(self) -> None:
         """SIGKILL to every process in this machine's network namespace, in three sweeps half a second apart
         (a process started during one is caught by the next): what losing the machine does. Killing a
         launcher's process group is not that: torchrun starts each worker in a session of its own."""
         for _ in range(3):
-            pids = _ip("netns", "pids", self.namespace, check=False).stdout.split()
-            for pid in pids:
+            for pid in self.pids():
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
