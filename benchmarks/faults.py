@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,16 +131,20 @@ def kept_steps(folder: Path) -> dict[int, tuple[int, list[int]]]:
 
 
 def exactness(run: Path, clean: Path) -> dict:
-    """Samples lost or used twice in an epoch, and steps whose samples differ from the uninterrupted run's."""
+    """Samples of an epoch the run used fewer or more times than the uninterrupted run (not than once: with 2
+    processes an epoch's last global batch is filled up with samples from its start, 32 of the default config's
+    60,000 = 468 x 128 + 96, in both runs alike), and steps whose samples differ from the uninterrupted run's."""
     got, want = kept_steps(run), kept_steps(clean)
-    lost = duplicated = 0
+    lost = duplicated = repeats = 0
     for epoch in {e for e, _ in want.values()}:
-        seen = [i for e, indices in got.values() if e == epoch for i in indices]
-        expected = {i for e, indices in want.values() if e == epoch for i in indices}
-        duplicated += len(seen) - len(set(seen))
-        lost += len(expected - set(seen))
+        seen = Counter(i for e, indices in got.values() if e == epoch for i in indices)
+        expected = Counter(i for e, indices in want.values() if e == epoch for i in indices)
+        lost += sum((expected - seen).values())
+        duplicated += sum((seen - expected).values())
+        repeats += expected.total() - len(expected)
     return {"steps": len(got), "steps_clean": len(want), "samples_lost": lost, "samples_duplicated": duplicated,
-            "steps_unlike_clean": sum(got.get(s) != v for s, v in want.items()) + len(set(got) - set(want))}
+            "steps_unlike_clean": sum(got.get(s) != v for s, v in want.items()) + len(set(got) - set(want)),
+            "clean_repeats": repeats}
 
 
 class Cluster:
@@ -384,7 +389,7 @@ def render(results: dict) -> str:
     lines = [f"Machine: {m['cpu']} ({m['cpu_capability']}, bf16: {m['cpu_bf16']}), {m['cores']} cores; torch "
              f"{m['torch']}. Seed {results['seed']}, a fault every {results['mtbf_s']:.0f} s of training on average, "
              f"collective timeout {results['collective_timeout_s']} s.", f"Command: `{results['command']}`", "",
-             "| run | wall s | goodput | attempts | faults | steps redone | samples lost | samples used twice | "
+             "| run | wall s | goodput | attempts | faults | steps redone | samples lost | samples used again | "
              "steps unlike the uninterrupted run's | final test |", "|" + " --- |" * 10]
     for run in results["runs"]:
         exact = run.get("exact", {})
@@ -394,6 +399,9 @@ def render(results: dict) -> str:
                      f"{len(run['faults'])} | {redone} | {exact.get('samples_lost', 0)} | "
                      f"{exact.get('samples_duplicated', 0)} | {exact.get('steps_unlike_clean', 0)} | "
                      f"{f'{test[0]} / {test[1]}' if test else 'none'} |")
+    repeats = next((r["exact"]["clean_repeats"] for r in results["runs"] if "exact" in r), 0)
+    lines += ["", f"Samples lost or used again: fewer or more uses than in the uninterrupted run, which itself uses "
+              f"{repeats} samples twice (each epoch's last global batch filled up from the epoch's start)."]
     lines += ["", "| run | fault | machine | at s | step | detected after s | recovered after s (to the next "
               "step) | resumed from step | steps redone | exit codes | note |", "|" + " --- |" * 11]
     for run in results["runs"]:

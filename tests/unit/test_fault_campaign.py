@@ -32,12 +32,13 @@ def test_a_step_redone_after_a_restart_replaces_the_lost_attempts_record(tmp_pat
     write_ledger(run, 1, [(0, 1, [1, 3]), (0, 2, [5, 7])])
     assert kept_steps(run) == {1: (0, [0, 1, 2, 3]), 2: (0, [4, 5, 6, 7])}
     assert exactness(run, clean) == {"steps": 2, "steps_clean": 2, "samples_lost": 0, "samples_duplicated": 0,
-                                     "steps_unlike_clean": 0}
+                                     "steps_unlike_clean": 0, "clean_repeats": 0}
 
 
-def test_samples_lost_or_used_twice_are_counted(tmp_path):
+def test_samples_lost_or_used_more_often_than_in_the_uninterrupted_run_are_counted(tmp_path):
     clean, run = tmp_path / "clean", tmp_path / "run"
-    write_ledger(clean, 0, [(0, 1, [0, 1]), (0, 2, [2, 3])])
-    write_ledger(run, 0, [(0, 1, [0, 1]), (0, 2, [1, 3])])  # sample 2 never used, sample 1 twice
+    # the uninterrupted run fills its last batch up with sample 0 (2 processes); the run skips 2 and repeats 1
+    write_ledger(clean, 0, [(0, 1, [0, 1]), (0, 2, [2, 3, 0])])
+    write_ledger(run, 0, [(0, 1, [0, 1]), (0, 2, [1, 3, 0])])
     assert exactness(run, clean) == {"steps": 2, "steps_clean": 2, "samples_lost": 1, "samples_duplicated": 1,
-                                     "steps_unlike_clean": 1}
+                                     "steps_unlike_clean": 1, "clean_repeats": 1}
