@@ -112,6 +112,20 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def wait_for_handler(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 120) -> None:
+    """Block until `proc` catches `sig` (its bit in /proc/PID/status SigCgt): a signal sent before its handler
+    exists ends the process by the default action instead (an interpreter importing torch takes 2-5 s)."""
+    deadline = time.monotonic() + timeout
+    status = Path(f"/proc/{proc.pid}/status")
+    while True:
+        caught = next(int(line.split()[1], 16) for line in status.read_text().splitlines()
+                      if line.startswith("SigCgt:"))
+        if caught & (1 << (int(sig) - 1)):
+            return
+        assert proc.poll() is None and time.monotonic() < deadline, f"no handler of {sig.name} in {timeout} s"
+        time.sleep(0.05)
+
+
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
     """Block until metrics.jsonl records `step` or later; return the step seen."""
     deadline = time.monotonic() + timeout

@@ -102,7 +102,9 @@ def test_a_signal_ends_a_machine_waiting_for_its_main_machine_within_seconds(two
     """`scancel` or a closing job sends SIGTERM; before, it was swallowed for the whole wait."""
     main, other = two_machines
     proc = start(other, 1, main, tmp_path / "run", "--data-dir", str(data_dir))
-    time.sleep(5)  # well inside the 300 s default wait
+    # Its handlers, then the main machine's wait (well inside its 300 s). A fixed 5 s wait sent SIGTERM, once,
+    # before them, two tests at a time on a 2-core AMD EPYC (AVX2), where importing torch alone takes 4.3 s.
+    helpers.wait_for_handler(proc, signal.SIGTERM)
     os.kill(proc.pid, sig)
     sent = time.monotonic()
     code, _, err = finish(proc, timeout=60)
