@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.bench import machine as machine_info
+from distrnn.testing import faults as fault_switch
 from distrnn.testing import netns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -415,6 +416,8 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
+    # the campaign's own switch (sample-ledger) is set for the runs it starts; one set in this shell is refused
+    fault_switch.refuse_in_measurements("benchmarks.faults")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DISTRNN_DATA_DIR", "./data"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "faults"))
