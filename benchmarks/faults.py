@@ -95,10 +95,19 @@ class FaultResult:
 
 
 class Ledger:
-    """Reads rank 0's sample-ledger file as it grows: the newest step recorded."""
+    """Reads rank 0's sample-ledger file as it grows: every step recorded, in order (a step trained again after
+    a restart appears again)."""
 
     def __init__(self, folder: Path):
-        self.path, self.offset, self.last_step, self.lines = folder / "rank-0.jsonl", 0, 0, 0
+        self.path, self.offset, self.steps = folder / "rank-0.jsonl", 0, []
+
+    @property
+    def lines(self) -> int:
+        return len(self.steps)
+
+    @property
+    def last_step(self) -> int:
+        return self.steps[-1] if self.steps else 0
 
     def poll(self) -> int:
         if self.path.exists():
@@ -107,9 +116,7 @@ class Ledger:
                 chunk = f.read()
             complete = chunk[: chunk.rfind("\n") + 1]
             self.offset += len(complete)
-            for line in complete.splitlines():
-                self.lines += 1
-                self.last_step = json.loads(line)["step"]
+            self.steps += [json.loads(line)["step"] for line in complete.splitlines()]
         return self.last_step
 
 
@@ -298,7 +305,7 @@ def one_run(cluster: Cluster, name: str, cadence: list[str], faults: list[Fault]
             continue
         if open_fault is not None:  # the restart that answers the last fault has trained a step
             open_fault.recovered_s = round(time.monotonic() - detected_at, 1)
-            open_fault.resumed_from = _first_step_of_attempt(ledger, before) - 1
+            open_fault.resumed_from = reader.steps[before] - 1
             open_fault.steps_redone = max(0, open_fault.step - open_fault.resumed_from)
             open_fault = None
         armed = time.monotonic()
@@ -339,11 +346,6 @@ def one_run(cluster: Cluster, name: str, cadence: list[str], faults: list[Fault]
     wall = time.monotonic() - started
     return {"name": name, "cadence": cadence, "wall_s": round(wall, 1), "attempts": attempt,
             "faults": [asdict(r) for r in results], "test": final_test(cluster.logs / f"{name}-{attempt}-m0.log")}
-
-
-def _first_step_of_attempt(ledger: Path, lines_before: int) -> int:
-    lines = (ledger / "rank-0.jsonl").read_text().splitlines()
-    return json.loads(lines[lines_before])["step"]
 
 
 @contextmanager
